@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def gaussian_eps_model(schedule, mu: float, s: float):
+    """The exact optimal eps-prediction for data x0 ~ N(mu, s^2 I): eps_hat = E[eps | x_t]."""
+
+    def model(x_t, t):
+        ab = schedule.alpha_bar_at(t).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+        a, b2 = ab.sqrt(), 1 - ab
+        x0_hat = mu + a * s**2 / (a**2 * s**2 + b2) * (x_t - a * mu)
+        return (x_t - a * x0_hat) / b2.sqrt()
+
+    return model

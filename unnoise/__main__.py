@@ -1,0 +1,5 @@
+import sys
+
+from unnoise.cli import main
+
+sys.exit(main())
