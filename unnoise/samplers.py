@@ -1,14 +1,596 @@
 """Samplers: one pure function per method over any denoiser and a decreasing sigma grid.
 
 Contract (DESIGN.md): ``sample_<name>(denoise, x, sigmas, *, generator=None, callback=None) -> x``.
-``denoise(x, sigma) -> x0_hat`` works in sigma-space (x = x0 + sigma n), ``sigma`` a 0-dim tensor;
-``sigmas`` decreases and ends in 0; ``x`` is the sample at ``sigmas[0]``.
+``denoise(x, sigma) -> x0_hat`` works in sigma-space (x = x0 + sigma n) and gets ``sigma`` as a
+0-dim tensor; ``sigmas`` is 1-D, strictly decreasing, positive, and ends in 0; ``x`` is the
+sample at ``sigmas[0]``. ``callback(i, sigma_i, x_i, x0_hat_i)`` sees every model evaluation
+on the grid. ``generator`` is a ``torch.Generator`` or a list of them, one per sample, so that
+a sample does not depend on the batch it was drawn in (EDM's per-sample seeds).
+
+In sigma-space with lambda = -log(sigma), the probability-flow ODE dx/dsigma = (x - D) / sigma
+has the exact first-order (exponential-integrator) step x' = D + (sigma' / sigma)(x - D). That
+one formula is Euler, DDIM (eta = 0) and DPM-Solver++(1) at once; the higher-order methods below
+add corrections built from earlier denoiser outputs. No sampler disables autograd or shows a
+progress bar: that is the caller's choice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
 
+import numpy as np
+import torch
+from numpy.polynomial import polynomial as P
 from torch import Tensor
 
+from unnoise.ode import solve_rk45
+
 Denoiser = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[int, Tensor, Tensor, Tensor], None]
+Generator = torch.Generator | Sequence[torch.Generator] | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def check_sigmas(sigmas: Tensor | Sequence[float]) -> Tensor:
+    """Validate a grid: 1-D, >= 2 entries, positive and strictly decreasing, last entry 0."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    if s.ndim != 1 or s.numel() < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {tuple(s.shape)}")
+    if not torch.isfinite(s[:-1]).all() or s[-1] != 0 or (s[:-1] <= 0).any():
+        raise ValueError("sigmas must be finite and positive, and end in 0 (the clean data)")
+    if (s[1:] >= s[:-1]).any():
+        raise ValueError("sigmas must be strictly decreasing (from sigma_max down to 0)")
+    return s
+
+
+def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
+    """Standard normal noise shaped like x; one generator per sample when given a list."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}: give one per sample")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
+
+
+def _eval(denoise: Denoiser, x: Tensor, sigma: Tensor, i: int, callback: Callback | None) -> Tensor:
+    s = sigma.to(dtype=x.dtype, device=x.device)
+    x0 = denoise(x, s)
+    if callback is not None:
+        callback(i, s, x, x0)
+    return x0
+
+
+def _first_order(x: Tensor, x0: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """Exact step of the linear part: x' = D + (sigma' / sigma)(x - D)."""
+    return x0 + (sigma_next / sigma) * (x - x0)
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of an eta-ancestral step: sigma_down^2 + sigma_up^2 = sigma_next^2.
+
+    sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2) is DDIM's sigma_t (Song et al.
+    2021, Eq. 16) mapped to sigma-space; eta = 1 is DDPM's posterior q(x_{t-1} | x_t, x0).
+    """
+    up = min(sigma_next, eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next**2 / sigma**2)))
+    return math.sqrt(sigma_next**2 - up**2), up
+
+
+# ---------------------------------------------------------------------------------------------
+# First-order and ancestral
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_euler(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None) -> Tensor:
+    """Euler on the PF-ODE in sigma-space (Karras et al. 2022, Alg. 1); N steps, N evaluations."""
+    s = check_sigmas(sigmas).tolist()
+    for i in range(len(s) - 1):
+        x = _first_order(x, _eval(denoise, x, sigmas[i], i, callback), s[i], s[i + 1])
+    return x
+
+
+def sample_ddim(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+    generator: Generator = None,
+    callback=None,
+) -> Tensor:
+    """DDIM (Song et al. 2021, Eq. 12) in sigma-space: eta = 0 is Euler, eta = 1 ancestral DDPM.
+
+    x' = D + sigma_down (x - D) / sigma + sigma_up z, with (sigma_down, sigma_up) from
+    :func:`ancestral_step`. No noise is added on the last step (to sigma = 0).
+    """
+    s = check_sigmas(sigmas).tolist()
+    if not 0 <= eta <= 1:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    for i in range(len(s) - 1):
+        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        down, up = ancestral_step(s[i], s[i + 1], eta)
+        x = _first_order(x, x0, s[i], down)
+        if up > 0:
+            x = x + randn_like(x, generator) * (up * s_noise)
+    return x
+
+
+def sample_euler_ancestral(
+    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0, generator: Generator = None, callback=None
+) -> Tensor:
+    """Euler-ancestral (k-diffusion): identical to DDIM with the same eta in sigma-space."""
+    return sample_ddim(denoise, x, sigmas, eta=eta, generator=generator, callback=callback)
+
+
+DDPMVariance = Literal["fixed_small", "fixed_large", "learned"]
+
+
+def sample_ddpm(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    variance: DDPMVariance = "fixed_small",
+    generator: Generator = None,
+    callback=None,
+) -> Tensor:
+    """Ancestral DDPM (Ho et al. 2020, Alg. 2) over any grid: x' ~ N(posterior mean, var).
+
+    The posterior mean in sigma-space is D + (sigma'^2 / sigma^2)(x - D). Variances per step:
+    fixed_small = beta_tilde: sigma'^2 (sigma^2 - sigma'^2) / sigma^2; fixed_large = beta:
+    (sigma^2 - sigma'^2)(1 + sigma'^2) / (1 + sigma^2) (both VP quantities / alpha_bar');
+    learned: iDDPM's log-space interpolation, with the weight from ``denoise.with_variance``.
+    """
+    s = check_sigmas(sigmas).tolist()
+    if variance not in ("fixed_small", "fixed_large", "learned"):
+        raise ValueError(f"unknown variance {variance!r}; allowed: fixed_small, fixed_large, learned")
+    if variance == "learned" and not hasattr(denoise, "with_variance"):
+        raise ValueError("variance='learned' needs a denoiser with with_variance(x, sigma) (a learned_range model)")
+    for i in range(len(s) - 1):
+        s0, s1 = s[i], s[i + 1]
+        if variance == "learned":
+            sig = sigmas[i].to(dtype=x.dtype, device=x.device)
+            x0, frac = denoise.with_variance(x, sig)
+            if callback is not None:
+                callback(i, sig, x, x0)
+        else:
+            x0 = _eval(denoise, x, sigmas[i], i, callback)
+        mean = x0 + (s1**2 / s0**2) * (x - x0)
+        if s1 == 0:
+            x = mean
+            continue
+        small = s1**2 * (s0**2 - s1**2) / s0**2
+        large = (s0**2 - s1**2) * (1 + s1**2) / (1 + s0**2)
+        if variance == "learned":
+            std = (0.5 * (frac * math.log(large) + (1 - frac) * math.log(small))).exp()
+        else:
+            std = math.sqrt(small if variance == "fixed_small" else large)
+        x = mean + std * randn_like(x, generator)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Heun (EDM)
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_heun(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    form: Literal["exponential", "sigma"] = "exponential",
+    generator: Generator = None,
+    callback=None,
+) -> Tensor:
+    """Karras et al. (2022), Alg. 2: Heun's 2nd-order method with optional churn; 2N - 1 evaluations.
+
+    With s_churn > 0, noise raises sigma to sigma_hat = sigma (1 + gamma), gamma =
+    min(s_churn / N, sqrt(2) - 1) inside [s_tmin, s_tmax]. The last step (to 0) is Euler.
+    ``form="sigma"`` is the paper's trapezoid on dx/dsigma: its correction (sigma_hat -
+    sigma')(D1 - D0) / (2 sigma') explodes when one step spans orders of magnitude (cosine's
+    sigma_max ~ 2e4 at low NFE). ``form="exponential"`` (default) applies the trapezoid to the
+    denoiser in the exact solution x' = D + (sigma' / sigma)(x - D): the correction is divided by
+    sigma_hat instead, the step stays a convex combination, and the order is still 2.
+    """
+    if form not in ("exponential", "sigma"):
+        raise ValueError(f"unknown Heun form {form!r}; allowed: exponential, sigma")
+    s = check_sigmas(sigmas).tolist()
+    n = len(s) - 1
+    for i in range(n):
+        gamma = min(s_churn / n, math.sqrt(2) - 1) if s_tmin <= s[i] <= s_tmax else 0.0
+        s_hat = s[i] * (1 + gamma)
+        if gamma > 0:
+            x = x + randn_like(x, generator) * (s_noise * math.sqrt(s_hat**2 - s[i] ** 2))
+        d0 = _eval(denoise, x, torch.tensor(s_hat, dtype=torch.float64), i, callback)
+        x_next = _first_order(x, d0, s_hat, s[i + 1])
+        if s[i + 1] > 0:
+            d1 = denoise(x_next, sigmas[i + 1].to(dtype=x.dtype, device=x.device))
+            if form == "sigma":
+                x_next = x + (s[i + 1] - s_hat) * 0.5 * ((x - d0) / s_hat + (x_next - d1) / s[i + 1])
+            else:
+                x_next = _first_order(x, 0.5 * (d0 + d1), s_hat, s[i + 1])
+        x = x_next
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++ (Lu et al. 2022b), multistep, in lambda = -log sigma
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_dpmpp_2m(
+    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None
+) -> Tensor:
+    """DPM-Solver++(2M), Lu et al. (2022b), Alg. 2: second-order multistep; N evaluations.
+
+    x' = (sigma' / sigma) x - expm1(-h) D_hat, D_hat = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},
+    h = lambda' - lambda, r = h_{i-1} / h. First order on the first and the last (to 0) step.
+    """
+    s = check_sigmas(sigmas).tolist()
+    prev, h_prev = None, None
+    for i in range(len(s) - 1):
+        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        if s[i + 1] == 0:
+            x = x0
+            break
+        h = math.log(s[i] / s[i + 1])
+        d = x0 if prev is None else x0 + (x0 - prev) * (h / (2 * h_prev))
+        x = _first_order(x, d, s[i], s[i + 1])
+        prev, h_prev = x0, h
+    return x
+
+
+def sample_dpmpp_3m(
+    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None
+) -> Tensor:
+    """DPM-Solver++(3M): third-order multistep (k-diffusion's dpmpp_3m_sde with eta = 0)."""
+    return sample_dpmpp_3m_sde(denoise, x, sigmas, eta=0.0, generator=generator, callback=callback)
+
+
+def sample_dpmpp_3m_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    generator: Generator = None,
+    callback=None,
+) -> Tensor:
+    """DPM-Solver++(3M) SDE (k-diffusion's form); eta = 0 is the ODE solver. N evaluations.
+
+    Integrates a quadratic through the last three denoiser outputs exactly against the
+    exponential kernel: weights phi_2 = expm1(-h) / h + 1 on h D' and 2 phi_3 = 2 (phi_2 / h - 1/2)
+    on h^2 D'' / 2 (with h -> h (1 + eta)). Third order; see the comment on the factor 2.
+    """
+    s = check_sigmas(sigmas).tolist()
+    d1 = d2 = None  # previous denoiser outputs
+    h1 = h2 = None  # previous step sizes in lambda
+    for i in range(len(s) - 1):
+        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        if s[i + 1] == 0:
+            x = x0
+            break
+        h = math.log(s[i] / s[i + 1])
+        h_eta = h * (eta + 1)
+        x = math.exp(-h_eta) * x - math.expm1(-h_eta) * x0
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        if h2 is not None:
+            r0, r1 = h1 / h, h2 / h
+            dd0, dd1 = (x0 - d1) / r0, (d1 - d2) / r1
+            d1_est = dd0 + (dd0 - dd1) * (r0 / (r0 + r1))  # ~ h D'
+            d2_est = (dd0 - dd1) / (r0 + r1)  # ~ h^2 D'' / 2
+            # The exact integral term is -h^2 phi_3 D'' = -2 phi_3 d2_est; k-diffusion and
+            # diffusers use -phi_3 d2_est, which leaves the method second order.
+            x = x + phi_2 * d1_est - 2 * (phi_2 / h_eta - 0.5) * d2_est
+        elif h1 is not None:
+            x = x + phi_2 * (x0 - d1) / (h1 / h)
+        if eta > 0:
+            x = x + randn_like(x, generator) * (s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+        d1, d2, h1, h2 = x0, d1, h, h1
+    return x
+
+
+def sample_dpmpp_2m_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    generator: Generator = None,
+    callback=None,
+) -> Tensor:
+    """DPM-Solver++(2M) SDE, midpoint variant (k-diffusion; Lu et al. 2022b, App. B). N evaluations."""
+    s = check_sigmas(sigmas).tolist()
+    prev, h_prev = None, None
+    for i in range(len(s) - 1):
+        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        if s[i + 1] == 0:
+            x = x0
+            break
+        h = math.log(s[i] / s[i + 1])
+        eta_h = eta * h
+        coef = -math.expm1(-h - eta_h)
+        x = (s[i + 1] / s[i]) * math.exp(-eta_h) * x + coef * x0
+        if prev is not None:
+            x = x + 0.5 * coef * (h / h_prev) * (x0 - prev)
+        if eta > 0:
+            x = x + randn_like(x, generator) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+        prev, h_prev = x0, h
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023): predictor UniP + corrector UniC, data prediction, in lambda
+# ---------------------------------------------------------------------------------------------
+
+
+def _unipc_coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple[Tensor, Tensor, float, float]:
+    """R (order x order), b (order,), h phi_1 and B(h) of UniPC's Alg. 1-2 (data prediction, hh = -h)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == "bh1" else math.expm1(hh)
+    r = torch.tensor([*rks, 1.0], dtype=torch.float64)
+    rows, b, factorial = [], [], 1
+    for k in range(1, order + 1):
+        rows.append(r ** (k - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return torch.stack(rows), torch.tensor(b, dtype=torch.float64), h_phi_1, b_h
+
+
+def _unipc_update(
+    x: Tensor,
+    history: list[Tensor],
+    lambdas: list[float],
+    lam_next: float,
+    order: int,
+    variant: str,
+    model_next: Tensor | None = None,
+) -> Tensor:
+    """One UniP step (model_next None) or UniC correction (model_next = D at the predicted point).
+
+    history / lambdas: past denoiser outputs and their lambda, newest last; x is at lambdas[-1].
+    """
+    m0, lam0 = history[-1], lambdas[-1]
+    h = lam_next - lam0
+    rks = [(lambdas[-(k + 1)] - lam0) / h for k in range(1, order)]
+    d1s = [(history[-(k + 1)] - m0) / rk for k, rk in zip(range(1, order), rks, strict=True)]
+    R, b, h_phi_1, b_h = _unipc_coefficients(rks, h, order, variant)
+    x_lin = math.exp(-h) * x - h_phi_1 * m0
+    if model_next is None:
+        if not d1s:
+            return x_lin
+        # UniP of order 2 uses rho = 1/2 (the paper's simplification, as the reference code)
+        rhos = [0.5] if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        return x_lin - b_h * sum(r * d for r, d in zip(rhos, d1s, strict=True))
+    rhos = [0.5] if order == 1 else torch.linalg.solve(R, b).tolist()
+    res = sum((r * d for r, d in zip(rhos[:-1], d1s, strict=True)), torch.zeros_like(x))
+    return x_lin - b_h * (res + rhos[-1] * (model_next - m0))
+
+
+def sample_unipc(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    order: int = 2,
+    variant: Literal["bh1", "bh2"] = "bh2",
+    generator: Generator = None,
+    callback=None,
+) -> Tensor:
+    """UniPC (Zhao et al. 2023, Alg. 1-3): multistep predictor-corrector; N evaluations.
+
+    Each new denoiser output first corrects the point it was evaluated at (UniC, free of extra
+    evaluations), then predicts the next point (UniP). Orders warm up from 1 and fall back to
+    lower orders over the final steps, as the reference implementation does.
+    """
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unknown UniPC variant {variant!r}; allowed: bh1, bh2")
+    if order < 1:
+        raise ValueError(f"UniPC order must be >= 1, got {order}")
+    s = check_sigmas(sigmas).tolist()
+    n = len(s) - 1
+    history: list[Tensor] = []
+    lambdas: list[float] = []
+    x_prev, step_order = None, 1
+    for i in range(n):
+        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        lam = -math.log(s[i])
+        if history:  # correct x_i with the output just computed at it
+            x = _unipc_update(x_prev, history, lambdas, lam, step_order, variant, model_next=x0)
+        history, lambdas = (history + [x0])[-order:], (lambdas + [lam])[-order:]
+        if s[i + 1] == 0:
+            x = x0
+            break
+        step_order = min(order, n - i, len(history))
+        x_prev = x
+        x = _unipc_update(x, history, lambdas, -math.log(s[i + 1]), step_order, variant)
+    return x
+
+
+def sample_unipc_bh1(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
+    """UniPC with B(h) = h (bh1), order 2."""
+    return sample_unipc(denoise, x, sigmas, variant="bh1", callback=callback)
+
+
+def sample_unipc_bh2(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
+    """UniPC with B(h) = e^h - 1 (bh2), order 2."""
+    return sample_unipc(denoise, x, sigmas, variant="bh2", callback=callback)
+
+
+# ---------------------------------------------------------------------------------------------
+# Linear multistep (LMS) with exact coefficients
+# ---------------------------------------------------------------------------------------------
+
+
+def lms_coefficients(nodes: Sequence[float], a: float, b: float) -> list[float]:
+    """Integrals over [a, b] of the Lagrange basis polynomials on ``nodes``, in closed form.
+
+    c_j = int_a^b prod_{k != j} (tau - t_k) / (t_j - t_k) d tau, computed by integrating the
+    polynomial exactly (numpy.polynomial), instead of numerical quadrature at every step.
+    """
+    out = []
+    for j, tj in enumerate(nodes):
+        others = [tk for k, tk in enumerate(nodes) if k != j]
+        poly = P.polyfromroots(others) / np.prod([tj - tk for tk in others]) if others else np.array([1.0])
+        integral = P.polyint(poly)
+        out.append(float(P.polyval(b, integral) - P.polyval(a, integral)))
+    return out
+
+
+def sample_lms(
+    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, order: int = 4, generator: Generator = None, callback=None
+) -> Tensor:
+    """Linear multistep in sigma (Karras/k-diffusion 'lms'): Adams-Bashforth on dx/dsigma; N evaluations."""
+    s = check_sigmas(sigmas).tolist()
+    ds: list[Tensor] = []
+    for i in range(len(s) - 1):
+        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        ds = ([(x - x0) / s[i]] + ds)[:order]  # newest first: ds[j] is dx/dsigma at s[i - j]
+        coefs = lms_coefficients([s[i - j] for j in range(len(ds))], s[i], s[i + 1])
+        x = x + sum(c * d for c, d in zip(coefs, ds, strict=True))
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive probability-flow ODE
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_rk45(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-4,
+    max_nfe: int | None = None,
+    info: dict | None = None,
+    generator: Generator = None,
+    callback=None,
+) -> Tensor:
+    """Adaptive Dormand-Prince 5(4) on the PF-ODE in log sigma: dx / dlog(sigma) = x - D(x, sigma).
+
+    Integrates from sigmas[0] to the smallest positive sigma of the grid (the rest of the grid is
+    ignored), then takes the final step to 0 as D(x, sigma_min). The number of evaluations used is
+    written to ``info["nfe"]``; ``max_nfe`` bounds it (ValueError when the tolerance needs more).
+    """
+    s = check_sigmas(sigmas)
+    s_max, s_min = float(s[0]), float(s[-2])
+    count = {"i": 0}
+
+    def f(log_sigma: float, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        sig = torch.tensor(math.exp(log_sigma), dtype=torch.float64)
+        x0 = _eval(denoise, y[0], sig, count["i"], callback)
+        count["i"] += 1
+        return (y[0] - x0,)
+
+    budget = None if max_nfe is None else max_nfe - 1
+    (x,), stats = solve_rk45(f, (x,), math.log(s_max), math.log(s_min), rtol=rtol, atol=atol, max_nfe=budget)
+    x = _eval(denoise, x, s[-2], count["i"], callback)
+    if info is not None:
+        info["nfe"] = stats.nfe + 1
+        info["steps"] = stats.accepted
+        info["rejected"] = stats.rejected
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_3m": sample_dpmpp_3m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "unipc": sample_unipc,
+    "unipc_bh1": sample_unipc_bh1,
+    "unipc_bh2": sample_unipc_bh2,
+    "lms": sample_lms,
+    "rk45": sample_rk45,
+}
+
+# Steps a sampler can afford with a budget of nfe evaluations (Heun: 2 per step, Euler last).
+_STEPS_FOR_NFE: dict[str, Callable[[int], int]] = {"heun": lambda nfe: (nfe + 1) // 2}
+
+# The grid each sampler uses when none is named: the best measured by benchmarks/samplers.py.
+DEFAULT_GRIDS: dict[str, str] = {name: "karras" for name in SAMPLERS}
+
+
+def steps_for_nfe(sampler: str, nfe: int) -> int:
+    """How many grid steps ``sampler`` takes within ``nfe`` denoiser evaluations."""
+    return _STEPS_FOR_NFE.get(sampler, lambda n: n)(nfe)
+
+
+class CountingDenoiser:
+    """Wraps a denoiser and counts its evaluations (``.nfe``); forwards ``with_variance``."""
+
+    def __init__(self, denoise: Denoiser) -> None:
+        self.denoise, self.nfe = denoise, 0
+        if hasattr(denoise, "with_variance"):
+            self.with_variance = self._with_variance
+
+    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
+        self.nfe += 1
+        return self.denoise(x, sigma)
+
+    def _with_variance(self, x: Tensor, sigma: Tensor):
+        self.nfe += 1
+        return self.denoise.with_variance(x, sigma)
+
+
+def sample(
+    denoise: Denoiser,
+    x: Tensor,
+    *,
+    sampler: str,
+    nfe: int,
+    sigma_max: float,
+    sigma_min: float,
+    grid: str | None = None,
+    generator: Generator = None,
+    callback: Callback | None = None,
+    schedule=None,
+    **options,
+) -> Tensor:
+    """Draw samples: run ``sampler`` from ``x`` at ``sigma_max`` down to 0 in at most ``nfe`` evaluations.
+
+    ``x`` is the starting sample at sigma_max (sigma_max times standard normal noise, plus data for
+    img2img). The grid has ``steps_for_nfe(sampler, nfe)`` steps from sigma_max to sigma_min, then
+    0; ``grid=None`` takes the sampler's best measured grid (:data:`DEFAULT_GRIDS`). Uniform-t
+    grids need ``schedule`` (or a denoiser with a ``.schedule``). ``options`` go to the sampler
+    (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget and its own adaptive steps.
+    """
+    from unnoise.grids import make_grid
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    if not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    schedule = schedule if schedule is not None else getattr(denoise, "schedule", None)
+    n = steps_for_nfe(sampler, nfe) if sampler != "rk45" else 2
+    sigmas = make_grid(grid or DEFAULT_GRIDS[sampler], n, sigma_min, sigma_max, schedule=schedule)
+    counted = CountingDenoiser(denoise)
+    if sampler == "rk45":
+        options.setdefault("max_nfe", nfe)
+    out = SAMPLERS[sampler](counted, x, sigmas, generator=generator, callback=callback, **options)
+    if counted.nfe > nfe:  # a bug guard: the budget is part of the contract
+        raise RuntimeError(f"{sampler} used {counted.nfe} evaluations, more than nfe={nfe}")
+    return out
