@@ -3,17 +3,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from samplers_reference import (
-    diffusers_sigmas,
-    gaussian_denoiser,
-    gaussian_ode_solution,
-    run_diffusers,
-    small_mixture,
-)
+from samplers_reference import gaussian_denoiser, gaussian_ode_solution, small_mixture
 
 import unnoise
 from unnoise.grids import make_grid
-from unnoise.samplers import SAMPLERS, CountingDenoiser, lms_coefficients, steps_for_nfe
+from unnoise.interop import run_scheduler as run_diffusers
+from unnoise.interop import scheduler_sigmas as diffusers_sigmas
+from unnoise.samplers import SAMPLERS, lms_coefficients
+from unnoise.sampling import CountingDenoiser, steps_for_nfe
 
 f64 = torch.float64
 MU, S = 0.3, 0.5
@@ -237,11 +234,13 @@ def test_per_sample_generators_make_samples_independent_of_the_batch(name):
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "edm"])
 @pytest.mark.parametrize("nfe", [3, 5])
 def test_robust_at_low_nfe_on_every_schedule_in_float32(name, schedule, nfe):
     """cosine's sigma_max ~ 2e4 breaks diffusers' Heun and its Karras DPM-Solver++; not these."""
-    sched = unnoise.make_schedule(schedule, 1000)
+    from unnoise.schedules import EDMRange
+
+    sched = EDMRange() if schedule == "edm" else unnoise.make_schedule(schedule, 1000)
     mix = small_mixture(2)
     x = sched.sigma_max * torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     denoise = mix.to(torch.float32).denoise
@@ -271,7 +270,7 @@ def test_lms_coefficients_are_the_exact_integrals():
     [
         ({"sampler": "plms"}, "unknown sampler 'plms'; allowed: ddpm, ddim, euler"),
         ({"nfe": 0}, "nfe must be an integer >= 1"),
-        ({"grid": "cubic"}, "unknown grid 'cubic'; allowed: karras, log_snr, linspace, leading, trailing"),
+        ({"grid": "cubic"}, "unknown grid 'cubic'; allowed: tuned, karras, log_snr, linspace, leading, trailing"),
         ({"grid": "trailing"}, "pass schedule="),
         ({"sigma_min": 100.0}, "need 0 < sigma_min < sigma_max"),
     ],
@@ -307,3 +306,28 @@ def test_heun_sigma_form_is_edm_algorithm_2_as_in_diffusers():
     ref = run_diffusers(sched, mix.denoise, x, n)[-1]
     out = SAMPLERS["heun"](mix.denoise, x, torch.unique_consecutive(visited), form="sigma")
     torch.testing.assert_close(out, ref.double(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_sigma_space_ddpm_equals_ddpm_algorithm_2_in_vp_space(variance):
+    """SAMPLERS["ddpm"] on the schedule's own grid reproduces DiffusionModel.sample (Ho et al., Alg. 2)."""
+    from unnoise.diffusion import eps_from_x0
+
+    mix = small_mixture(2)
+    dm = unnoise.DiffusionModel(lambda x, t: x, T=50, beta_schedule="cosine", variance=variance, data_shape=(2,))
+
+    def eps_model(x_t, t):  # the exact eps-network of the mixture
+        ab = dm.schedule.alpha_bar[t.long()]
+        x = x_t / ab.sqrt()[:, None]
+        sigma = ((1 - ab) / ab).sqrt()
+        return eps_from_x0(x_t, mix.denoise(x, sigma), ab)
+
+    dm.model = eps_model
+    vp = dm.sample(16, generator=torch.Generator().manual_seed(0), dtype=f64)
+    g = torch.Generator().manual_seed(0)
+    x_T = torch.randn(16, 2, generator=g, dtype=f64)  # the facade's first draw
+    sigmas = torch.cat([dm.schedule.sigma(torch.arange(50, 0, -1.0)), torch.zeros(1, dtype=f64)])
+    ours = SAMPLERS["ddpm"](
+        mix.denoise, x_T * sigmas[0].hypot(torch.tensor(1.0)), sigmas, variance=variance, generator=g
+    )
+    torch.testing.assert_close(ours, vp, rtol=0, atol=1e-9)

@@ -1,8 +1,15 @@
-"""Command line: argument parsing only; the work lives in the package's modules."""
+"""Command line: argument parsing only; the work lives in the package's modules.
+
+unnoise train image --data digits --model small --steps 2000 --out RUN [--resume]
+unnoise sample --run RUN --sampler unipc --nfe 20 --guidance 3 --class 7 --n 64 --out FILE
+unnoise eval --run RUN --bpd
+unnoise demo [toy|images]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,17 +24,67 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _nonnegative_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit status 2
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from unnoise.samplers import SAMPLERS
+
     parser = _Parser(prog="unnoise", description="Diffusion models: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+
+    train = sub.add_parser("train", help="train a model; writes a run folder (config, safetensors weights, log)")
+    train.add_argument("modality", choices=["image"])
+    train.add_argument("--data", default=None, help="digits | fashion-mnist | a folder of PNG/JPEG images")
+    train.add_argument("--image-size", type=_positive_int, default=None, help="folders: resize and crop to this")
+    train.add_argument("--model", default=None, help="U-Net size: tiny | small | cifar")
+    train.add_argument("--steps", type=_positive_int, default=None)
+    train.add_argument("--batch-size", type=_positive_int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--loss", default=None, help="simple | hybrid | min_snr")
+    train.add_argument("--prediction", default=None, help="eps | x0 | v")
+    train.add_argument("--schedule", default=None, help="noise schedule, e.g. cosine | linear")
+    train.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (CPU AMX/AVX-512)")
+    train.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--save-every", type=_positive_int, default=None, help="checkpoint interval in steps")
+    train.add_argument("--config", type=Path, help="a JSON or TOML file of training settings (flags win)")
+    train.add_argument("--out", type=Path, required=True, help="run folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+
+    sample = sub.add_parser("sample", help="draw samples from a run: FILE.png (grid) and FILE.npz")
+    sample.add_argument("--run", type=Path, required=True)
+    sample.add_argument("--sampler", default="unipc", help=f"one of: {', '.join(SAMPLERS)}")
+    sample.add_argument("--nfe", type=_positive_int, default=20, help="denoiser evaluations")
+    sample.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="classifier-free guidance scale")
+    sample.add_argument("--class", dest="class_id", type=int, default=None, help="class id (conditional runs)")
+    sample.add_argument("--eta", type=_nonnegative_float, default=None, help="stochasticity (ddim, *_ancestral, *_sde)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--n", type=_positive_int, default=64)
+    sample.add_argument("--out", type=Path, required=True, help="FILE: writes FILE.png and FILE.npz")
+    sample.add_argument("--trajectory", type=Path, default=None, help="also write x_t and predicted x0 per step")
+
+    ev = sub.add_parser("eval", help="evaluate a run")
+    ev.add_argument("--run", type=Path, required=True)
+    ev.add_argument("--bpd", action="store_true", help="test-set negative ELBO in bits/dim")
+    ev.add_argument("--n", type=_positive_int, default=None, help="only the first N test images")
+
     demo = sub.add_parser("demo", help="train a small model on built-in data; write pictures and figures")
-    demo.add_argument("--steps", type=_positive_int, default=4000, help="training steps (default 4000, ~30 s)")
+    demo.add_argument("kind", nargs="?", choices=["toy", "images"], default="toy")
+    demo.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("unnoise-demo"), help="output folder")
     return parser
@@ -36,17 +93,132 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "demo":
-            from unnoise.demo import DemoConfig, run_demo
-
-            run_demo(DemoConfig(steps=args.steps, seed=args.seed, out=args.out))
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+        {"train": _train, "sample": _sample, "eval": _eval, "demo": _demo}[args.command](args)
+    except (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
         print(f"unnoise {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"unnoise {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _train(args: argparse.Namespace) -> None:
+    from unnoise.imaging import train_images
+    from unnoise.train import TrainConfig
+
+    settings = _read_settings(args.config) if args.config else {}
+    flags = {
+        "data": args.data,
+        "image_size": args.image_size,
+        "model": args.model,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "loss": args.loss,
+        "prediction": args.prediction,
+        "schedule": args.schedule,
+        "bf16": args.bf16,
+        "seed": args.seed,
+        "save_every": args.save_every,
+    }
+    settings |= {k: v for k, v in flags.items() if v is not None}
+    if args.unconditional:
+        settings["conditional"] = False
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown settings {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    train_images(TrainConfig(**settings), args.out, resume=args.resume)
+    print(f"trained; run folder: {args.out}")
+
+
+def _read_settings(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from unnoise.images_io import save_grid, save_npz, save_trajectory
+    from unnoise.imaging import load_run, sample_images
+    from unnoise.samplers import SAMPLERS
+
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    options = {}
+    if args.eta is not None:
+        with_eta = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
+        if args.sampler not in with_eta:
+            raise ValueError(f"--eta applies to {', '.join(with_eta)}; not to {args.sampler}")
+        options["eta"] = args.eta
+    run = load_run(args.run)
+    trajectory = [] if args.trajectory else None
+    images, labels = sample_images(
+        run,
+        n=args.n,
+        sampler=args.sampler,
+        nfe=args.nfe,
+        guidance=args.guidance,
+        class_id=args.class_id,
+        seed=args.seed,
+        trajectory=trajectory,
+        **options,
+    )
+    out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz") else args.out
+    k = run.net.config.num_classes
+    nrow = min(args.n, k) if k and args.class_id is None else None
+    scale = max(1, 64 // images.shape[-1])
+    png = save_grid(out.with_name(out.name + ".png"), images, nrow=nrow, scale=scale)
+    npz = save_npz(out.with_name(out.name + ".npz"), images, labels)
+    print(f"wrote {png} and {npz}")
+    if trajectory is not None:
+        print(f"wrote {save_trajectory(args.trajectory, _frames(trajectory), scale=scale)}")
+
+
+def _frames(trajectory: list, rows: int = 8, columns: int = 6) -> list:
+    """x_t and the predicted x0 at up to ``columns`` steps, for the first ``rows`` samples."""
+    from unnoise.data.images import to_uint8
+
+    picks = sorted({round(i * (len(trajectory) - 1) / max(1, columns - 1)) for i in range(columns)})
+    frames = []
+    for i in picks:
+        sigma, x, x0 = trajectory[i]
+        frames.append((f"x s={sigma:.2g}", to_uint8((x[:rows] / max(1.0, sigma)).clamp(-1, 1))))
+        frames.append(("x0 pred", to_uint8(x0[:rows].clamp(-1, 1))))
+    return frames
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from unnoise.imaging import eval_bpd, load_run
+
+    if not args.bpd:
+        raise ValueError("say what to evaluate; allowed: --bpd")
+    bpd, se = eval_bpd(load_run(args.run), n=args.n)
+    print(f"test negative ELBO: {bpd:.4f} +- {se:.4f} bits/dim")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    if args.kind == "images":
+        from unnoise.image_demo import run_image_demo
+
+        run_image_demo(args.out, steps=args.steps, seed=args.seed)
+        return
+    from unnoise.demo import DemoConfig, run_demo
+
+    kw = {} if args.steps is None else {"steps": args.steps}
+    run_demo(DemoConfig(seed=args.seed, out=args.out, **kw))
 
 
 if __name__ == "__main__":

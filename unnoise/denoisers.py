@@ -17,6 +17,7 @@ step (k-diffusion's convention): an exact eps-network gives an exact denoiser at
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -78,7 +79,7 @@ def _per_sample(a: Tensor, x: Tensor) -> Tensor:
     return a.to(device=x.device, dtype=x.dtype).expand(x.shape[0])
 
 
-class _VPDenoiser:
+class _VPDenoiser(ABC):
     """Shared VP -> sigma-space conversion; subclasses say which time the network receives.
 
     ``alpha_bar = 1 / (1 + sigma^2)``, ``x_t = sqrt(alpha_bar) x`` (c_in), ``out = model(x_t, t)``;
@@ -90,9 +91,9 @@ class _VPDenoiser:
     prediction: Prediction
     variance: VarianceOutput = "fixed"
 
+    @abstractmethod
     def timestep(self, sigma: Tensor) -> Tensor:
         """The time the network receives at a float64 CPU ``sigma`` of shape () or (B,) (shape kept)."""
-        raise NotImplementedError
 
     def _forward(self, x: Tensor, sigma: Tensor | float) -> tuple[Tensor, Tensor | None]:
         # t from sigma at its own precision (float64 on the CPU), the conversion in x's dtype.

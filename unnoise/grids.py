@@ -15,8 +15,83 @@ from torch import Tensor
 
 from unnoise.schedules import DiscreteSchedule
 
-GridName = Literal["karras", "log_snr", "linspace", "leading", "trailing"]
-GRID_NAMES: tuple[str, ...] = ("karras", "log_snr", "linspace", "leading", "trailing")
+GridName = Literal["tuned", "karras", "log_snr", "linspace", "leading", "trailing"]
+GRID_NAMES: tuple[str, ...] = ("tuned", "karras", "log_snr", "linspace", "leading", "trailing")
+
+# density_grid parameters per sampler and number of steps, fitted by benchmarks/tune_grids.py
+# (mean log ODE error over 2-D and 32-D Gaussian mixtures, linear and cosine schedules).
+TUNED: dict[str, dict[int, dict[str, float]]] = {
+    "euler": {
+        5: dict(center=1.231, width=1.549, floor=0.03669, tail=0.5008),  # NFE 5: mean log error -1.621
+        10: dict(center=1.942, width=1.543, floor=0.07725, tail=0.5962),  # NFE 10: mean log error -2.186
+        20: dict(center=0.8802, width=1.446, floor=0.04403, tail=0.3436),  # NFE 20: mean log error -2.708
+        50: dict(center=1.803, width=1.869, floor=0.01287, tail=0.5012),  # NFE 50: mean log error -4.025
+    },
+    "heun": {
+        3: dict(center=1.859, width=1.622, floor=0.1617, tail=0.5014),  # NFE 5: mean log error -1.407
+        5: dict(center=1.129, width=1.639, floor=0.04627, tail=0.5026),  # NFE 10: mean log error -2.136
+        10: dict(center=0.9915, width=1.641, floor=0.0004128, tail=0.5005),  # NFE 20: mean log error -3.154
+        25: dict(center=0.5442, width=1.804, floor=0, tail=0.1961),  # NFE 50: mean log error -5.413
+    },
+    "dpmpp_2m": {
+        5: dict(center=1.629, width=1.966, floor=0.02377, tail=0.5008),  # NFE 5: mean log error -2.057
+        10: dict(center=0.7121, width=2.391, floor=0.02002, tail=1),  # NFE 10: mean log error -2.881
+        20: dict(center=0.8768, width=2.477, floor=3.215e-13, tail=1),  # NFE 20: mean log error -4.901
+        50: dict(center=0.8556, width=2.266, floor=2.609e-15, tail=0.5642),  # NFE 50: mean log error -6.768
+    },
+    "dpmpp_3m": {
+        5: dict(center=1.204, width=2.384, floor=0.001668, tail=0.9842),  # NFE 5: mean log error -2.066
+        10: dict(center=1.718, width=2, floor=0.01281, tail=0.965),  # NFE 10: mean log error -3.055
+        20: dict(center=0.3723, width=3.016, floor=1.758e-06, tail=0.9993),  # NFE 20: mean log error -5.341
+        50: dict(center=0.5207, width=2.662, floor=1.879e-06, tail=3.572e-07),  # NFE 50: mean log error -7.277
+    },
+    "unipc": {
+        5: dict(center=1.38, width=1.859, floor=0.005718, tail=0.5007),  # NFE 5: mean log error -2.186
+        10: dict(center=1.311, width=1.667, floor=6.685e-07, tail=0.5006),  # NFE 10: mean log error -3.653
+        20: dict(center=0.5371, width=2.127, floor=2.862e-05, tail=0.5215),  # NFE 20: mean log error -5.782
+        50: dict(center=0.4826, width=1.934, floor=1.049e-10, tail=0.321),  # NFE 50: mean log error -7.823
+    },
+    "unipc_bh1": {
+        5: dict(center=1.148, width=1.578, floor=0.301, tail=0.9255),  # NFE 5: mean log error -2.181
+        10: dict(center=0.223, width=2.204, floor=0.1334, tail=0.4996),  # NFE 10: mean log error -3.163
+        20: dict(center=0.3622, width=2.159, floor=0.1357, tail=0.948),  # NFE 20: mean log error -5.547
+        50: dict(center=0.5137, width=2.014, floor=0.08743, tail=0.5583),  # NFE 50: mean log error -7.638
+    },
+    "unipc_3": {
+        5: dict(center=1.087, width=1.799, floor=0.1281, tail=0.6677),  # NFE 5: mean log error -2.203
+        10: dict(center=1.188, width=1.545, floor=0.1577, tail=0.7555),  # NFE 10: mean log error -3.370
+        20: dict(center=0.2731, width=2.496, floor=9.09e-07, tail=0.4994),  # NFE 20: mean log error -5.862
+        50: dict(center=0.5643, width=2.004, floor=0.01149, tail=4.298e-09),  # NFE 50: mean log error -8.365
+    },
+    "lms": {
+        5: dict(center=1.0, width=1.856, floor=0.03378, tail=0.6444),  # one fit for all NFE (an earlier, shorter run)
+    },
+}
+
+
+def tuned_parameters(sampler: str | None, n: int) -> dict[str, float]:
+    """The fitted density_grid parameters for ``sampler`` at ``n`` steps.
+
+    Between fitted step counts each parameter is interpolated linearly in log n (center and
+    width in log space); outside them the nearest fit is used. Samplers without a fit of their
+    own use DPM-Solver++(2M)'s.
+    """
+    fits = TUNED.get(sampler or "dpmpp_2m", TUNED["dpmpp_2m"])
+    steps = sorted(fits)
+    if n <= steps[0] or n >= steps[-1]:
+        return dict(fits[steps[0] if n <= steps[0] else steps[-1]])
+    hi = next(k for k in steps if k >= n)
+    lo = max(k for k in steps if k <= n)
+    if lo == hi:
+        return dict(fits[lo])
+    w = (math.log(n) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    out = {}
+    for key in fits[lo]:
+        a, b = fits[lo][key], fits[hi][key]
+        out[key] = (
+            math.exp((1 - w) * math.log(a) + w * math.log(b)) if key in ("center", "width") else (1 - w) * a + w * b
+        )
+    return out
 
 
 def _with_zero(sigmas: Tensor) -> Tensor:
@@ -67,12 +142,19 @@ def make_grid(
     *,
     schedule: DiscreteSchedule | None = None,
     rho: float = 7.0,
+    sampler: str | None = None,
 ) -> Tensor:
-    """A grid of ``n`` steps by name; uniform-t grids use ``schedule`` (and ignore the sigma range)."""
+    """A grid of ``n`` steps by name; uniform-t grids use ``schedule`` (and ignore the sigma range).
+
+    ``"tuned"`` is :func:`density_grid` with the parameters fitted for ``sampler`` and ``n``
+    (:func:`tuned_parameters`).
+    """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of steps must be an integer >= 1, got {n!r}")
     if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    if name == "tuned":
+        return density_grid(n, sigma_min, sigma_max, **tuned_parameters(sampler, n))
     if name == "karras":
         return karras_grid(n, sigma_min, sigma_max, rho)
     if name == "log_snr":
@@ -84,3 +166,37 @@ def make_grid(
             raise ValueError(f"grid {name!r} has at most T = {schedule.T} steps, got {n}")
         return uniform_t_grid(n, schedule, name)
     raise ValueError(f"unknown grid {name!r}; allowed: {', '.join(GRID_NAMES)}")
+
+
+def density_grid(
+    n: int,
+    sigma_min: float,
+    sigma_max: float,
+    *,
+    center: float,
+    width: float,
+    floor: float,
+    tail: float,
+    resolution: int = 4097,
+) -> Tensor:
+    """Steps at equal quantiles of a density over log sigma: a Gaussian bump plus a uniform floor.
+
+    The bump (at log ``center``, std ``width`` in log sigma) puts steps where the denoiser changes
+    fastest along the ODE, around the data's scales; ``floor`` is the share spread uniformly.
+    Step i sits at quantile 1 - i / (n - 1 + tail): ``tail = 0`` ends at sigma_min, ``tail = 1``
+    stops one step short, like diffusers' trailing spacing (the final jump to 0 is cheaper there).
+    """
+    if n == 1:
+        return _with_zero(torch.tensor([sigma_max], dtype=torch.float64))
+    ell = torch.linspace(math.log(sigma_min), math.log(sigma_max), resolution, dtype=torch.float64)
+    span = ell[-1] - ell[0]
+    dens = floor / span + (1 - floor) * torch.exp(-0.5 * ((ell - math.log(center)) / width) ** 2) / (
+        width * math.sqrt(2 * math.pi)
+    )
+    cdf = torch.cat([dens.new_zeros(1), ((dens[1:] + dens[:-1]) / 2 * (ell[1:] - ell[:-1])).cumsum(0)])
+    cdf = cdf / cdf[-1]
+    q = 1 - torch.arange(n, dtype=torch.float64) / (n - 1 + tail)
+    idx = torch.searchsorted(cdf, q).clamp(1, resolution - 1)
+    frac = (q - cdf[idx - 1]) / (cdf[idx] - cdf[idx - 1])
+    log_sigma = ell[idx - 1] + frac * (ell[idx] - ell[idx - 1])
+    return _with_zero(log_sigma.exp())

@@ -8,17 +8,16 @@ added to the score shows up in D multiplied by ``sigma^2``. Samplers never know 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from unnoise.diffusion import expand
-from unnoise.samplers import Denoiser
+from unnoise.samplers import Denoiser, Generator, randn_like
 
 ConditionalDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # D(x, sigma, labels) -> x0_hat
 LogProb = Callable[[Tensor, Tensor], Tensor]  # log p(y | x_sigma), (B,)
-Generators = torch.Generator | Sequence[torch.Generator] | None
 
 
 def _check_scale(scale: float) -> float:
@@ -126,17 +125,6 @@ def classifier_guidance(denoise: Denoiser, log_prob: LogProb, scale: float) -> D
     return guided
 
 
-def _randn_like(x: Tensor, generator: Generators) -> Tensor:
-    """Standard normal noise like ``x``; a list of generators draws sample i from generator i."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    if len(generator) != x.shape[0]:
-        raise ValueError(
-            f"got {len(generator)} generators for a batch of {x.shape[0]}; allowed: one, or one per sample"
-        )
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
-
-
 def _check_broadcast(x: Tensor, known: Tensor, mask: Tensor) -> None:
     try:
         ok = torch.broadcast_shapes(x.shape, known.shape, mask.shape) == x.shape
@@ -164,7 +152,7 @@ def inpaint(
     *,
     guidance: float = 1.0,
     sigma_data: float = 1.0,
-    generator: Generators = None,
+    generator: Generator = None,
 ) -> Denoiser:
     """Inpainting: replacement (Song et al. 2021, App. I.2) plus reconstruction guidance (Ho et al.
     2022, "Video diffusion models", Sec. 3.1), weighted as in PiGDM (Song et al. 2023, Sec. 3).
@@ -205,7 +193,7 @@ def inpaint(
         _check_broadcast(x, known, mask)
         m, k = mask.to(x), known.to(x)
         sigma_x = expand(torch.as_tensor(sigma, dtype=x.dtype, device=x.device), x)
-        x = m * (k + sigma_x * _randn_like(x, generator)) + (1 - m) * x
+        x = m * (k + sigma_x * randn_like(x, generator)) + (1 - m) * x
         if guidance == 0:
             d = denoise(x, sigma)
         else:

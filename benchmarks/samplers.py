@@ -1,0 +1,267 @@
+"""unnoise's samplers against diffusers' schedulers, on exact denoisers, in one run.
+
+Gaussian mixtures have Gaussian-mixture noisy marginals, so the optimal denoiser is known in
+closed form. For a 2-D and a 32-D mixture (anisotropic components, unequal weights), under the
+DDPM linear and the cosine schedules (T = 1000), every method starts from the same noise at the
+schedule's sigma_max and spends at most NFE denoiser calls. Printed per configuration:
+
+- ODE error: RMS over all coordinates of (sample - high-accuracy PF-ODE solution from the same
+  noise), and the median over samples of the per-sample RMS;
+- Frechet distance (means and covariances) and mode-weight error (total variation between the
+  components' weights and the share of samples each component explains best) against the truth;
+- per-step overhead with a zero-cost model, unnoise vs diffusers.
+
+Run: python benchmarks/samplers.py            (about 10 minutes on 2 CPU cores)
+     python benchmarks/samplers.py --quick    (2-D only, NFE 5 and 10)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+import warnings
+from functools import partial
+
+import torch
+
+import unnoise
+from unnoise.data.toy import GaussianMixture, ring_mixture
+from unnoise.interop import run_scheduler
+from unnoise.samplers import SAMPLERS
+from unnoise.sampling import DEFAULT_GRIDS
+
+f64 = torch.float64
+OURS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_bh1", "unipc_3", "lms"]
+SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # unnoise name -> diffusers name
+
+
+def mixture_32d(separation: float = 0.5) -> GaussianMixture:
+    """8 anisotropic components in 32-D (per-dimension stds over ~e^4), weights 0.3 down to 0.03.
+
+    ``separation`` scales the means: 0.5 puts neighbouring components a few of their largest
+    stds apart, like classes of real data; 1.5 separates them by ~100 stds (the "far" stress case,
+    where the RMS error is dominated by the rare samples that end in another mode).
+    """
+    g = torch.Generator().manual_seed(32)
+    k, d = 8, 32
+    means = separation * torch.randn(k, d, generator=g, dtype=f64)
+    a = 0.25 * torch.randn(k, d, d, generator=g, dtype=f64) / math.sqrt(d)
+    scales = torch.exp(torch.randn(k, d, generator=g, dtype=f64))  # anisotropic: stds over ~e^4
+    covs = a @ a.transpose(1, 2) + torch.diag_embed(0.01 * scales**2)
+    weights = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.07, 0.05, 0.03], dtype=f64)
+    return GaussianMixture(weights, means, covs)
+
+
+def diffusers_configs(schedule: str) -> dict[str, tuple[str, dict]]:
+    b = {"beta_schedule": SCHEDULES[schedule]}
+    return {
+        "ddim": ("DDIMScheduler", b | {"clip_sample": False, "set_alpha_to_one": True}),
+        "ddim_trailing": ("DDIMScheduler", b | {"clip_sample": False, "timestep_spacing": "trailing"}),
+        "dpm++2m": ("DPMSolverMultistepScheduler", b),
+        "dpm++2m_karras": ("DPMSolverMultistepScheduler", b | {"use_karras_sigmas": True}),
+        "unipc": ("UniPCMultistepScheduler", b),
+        "deis": ("DEISMultistepScheduler", b),
+        "euler": ("EulerDiscreteScheduler", b),
+        "heun": ("HeunDiscreteScheduler", b),
+        "lms": ("LMSDiscreteScheduler", b),
+    }
+
+
+def reference_solution(mix: GaussianMixture, x: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """PF-ODE from sigma_max to 1e-6 by adaptive RK45 at rtol = atol = 1e-9, then D (error ~1e-12)."""
+    grid = torch.tensor([sigma_max, 1e-6, 0.0], dtype=f64)
+    return SAMPLERS["rk45"](mix.denoise, x, grid, rtol=1e-9, atol=1e-9)
+
+
+def metrics(mix: GaussianMixture, out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    if not torch.isfinite(out).all():
+        return {"rms": math.inf, "median": math.inf, "fd": math.inf, "modes": math.inf}
+    err = out - ref
+    per_sample = err.pow(2).mean(1).sqrt()
+    mean, cov = out.mean(0), torch.cov(out.T).reshape(mix.dim, mix.dim)
+    true_mean, true_cov = mix.weights @ mix.means, mix.covariance()
+    fd = (mean - true_mean).pow(2).sum() + _trace_sqrt_term(cov, true_cov)
+    _, comp = _components(mix, out)
+    share = torch.bincount(comp, minlength=len(mix.weights)).double() / len(out)
+    return {
+        "rms": err.pow(2).mean().sqrt().item(),
+        "median": per_sample.median().item(),
+        "fd": fd.item(),
+        "modes": 0.5 * (share - mix.weights).abs().sum().item(),
+    }
+
+
+def _trace_sqrt_term(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) of the Frechet distance."""
+    w, v = torch.linalg.eigh(c1)
+    s1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    m = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp(min=0).sqrt().sum()
+    return torch.trace(c1) + torch.trace(c2) - 2 * m
+
+
+def _components(mix: GaussianMixture, x: torch.Tensor):
+    logp, _, _ = mix._components(x, 0.0)
+    return logp, logp.argmax(-1)
+
+
+def run_ours(name: str, mix, x, nfe: int, sched) -> torch.Tensor:
+    return unnoise.sample(
+        mix.denoise, x, sampler=name, nfe=nfe, sigma_max=sched.sigma_max, sigma_min=sched.sigma_min, schedule=sched
+    )
+
+
+def run_theirs(cls: str, kw: dict, mix, x, nfe: int) -> torch.Tensor:
+    import diffusers
+
+    scheduler = getattr(diffusers, cls)(**kw)
+    steps = (nfe + 1) // 2 if cls == "HeunDiscreteScheduler" else nfe
+    return run_scheduler(scheduler, mix.denoise, x, steps)[-1].double()
+
+
+def their_start(cls: str, kw: dict, sched) -> float:
+    """diffusers' first noise level for this scheduler (leading spacing starts below sigma_max)."""
+    import diffusers
+
+    from unnoise.interop import scheduler_sigmas
+
+    return float(scheduler_sigmas(getattr(diffusers, cls)(**kw), 10)[0])
+
+
+def evaluate(label: str, mix: GaussianMixture, n: int, schedule: str, nfes: list[int]) -> list[dict]:
+    sched = unnoise.make_schedule(schedule, 1000)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(n, mix.dim, generator=g, dtype=f64)
+    rows = []
+    refs: dict[float, torch.Tensor] = {}
+
+    def ref_for(sigma_start: float) -> torch.Tensor:
+        if sigma_start not in refs:
+            refs[sigma_start] = reference_solution(mix, sigma_start * noise, sigma_start)
+        return refs[sigma_start]
+
+    for name in OURS:
+        for nfe in nfes:
+            x = sched.sigma_max * noise
+            out = run_ours(name, mix, x, nfe, sched)
+            rows.append({"side": "unnoise", "method": name, "nfe": nfe} | metrics(mix, out, ref_for(sched.sigma_max)))
+    for name, (cls, kw) in diffusers_configs(schedule).items():
+        try:
+            start = their_start(cls, kw, sched)
+        except Exception as e:  # noqa: BLE001 - a failing scheduler is a result, not a crash
+            start, failure = None, f"{type(e).__name__}"
+        for nfe in nfes:
+            if start is None:
+                rows.append({"side": "diffusers", "method": name, "nfe": nfe, "failure": failure})
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    out = run_theirs(cls, kw, mix, start * noise, nfe)
+                rows.append({"side": "diffusers", "method": name, "nfe": nfe} | metrics(mix, out, ref_for(start)))
+            except Exception as e:  # noqa: BLE001
+                rows.append({"side": "diffusers", "method": name, "nfe": nfe, "failure": type(e).__name__})
+    for r in rows:
+        r["config"] = f"{label}/{schedule}"
+    return rows
+
+
+def print_config_table(rows: list[dict], nfes: list[int]) -> None:
+    config = rows[0]["config"]
+    print(f"\n### {config}: RMS ODE error (median per-sample RMS) | FD | mode-weight TV, by NFE")
+    print("| side | method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
+    print("|---|---|" + "---|" * len(nfes))
+    for side in ("unnoise", "diffusers"):
+        methods = dict.fromkeys(r["method"] for r in rows if r["side"] == side)
+        for m in methods:
+            cells = []
+            for k in nfes:
+                r = next(r for r in rows if r["side"] == side and r["method"] == m and r["nfe"] == k)
+                if "failure" in r:
+                    cells.append(f"fails: {r['failure']}")
+                else:
+                    cells.append(f"{r['rms']:.2e} ({r['median']:.1e}) / {r['fd']:.1e} / {r['modes']:.3f}")
+            grid = f" [{DEFAULT_GRIDS[m]}]" if side == "unnoise" else ""
+            print(f"| {side} | {m}{grid} | " + " | ".join(cells) + " |")
+
+
+def summary(all_rows: list[dict], nfes: list[int]) -> bool:
+    print("\n### Best of each side (RMS ODE error); goal at NFE 5, 10, 20: ratio <= 0.5")
+    print("| config | NFE | unnoise best | diffusers best | ratio | goal |")
+    print("|---|---|---|---|---|---|")
+    ok = True
+    for config in dict.fromkeys(r["config"] for r in all_rows):
+        for k in nfes:
+            sel = [r for r in all_rows if r["config"] == config and r["nfe"] == k and "failure" not in r]
+            ours = min((r for r in sel if r["side"] == "unnoise"), key=lambda r: r["rms"])
+            theirs = min((r for r in sel if r["side"] == "diffusers"), key=lambda r: r["rms"])
+            ratio = ours["rms"] / theirs["rms"]
+            goal = "" if k > 20 else ("met" if ratio <= 0.5 else "MISSED")
+            ok &= goal != "MISSED"
+            print(
+                f"| {config} | {k} | {ours['method']} {ours['rms']:.2e} | {theirs['method']} {theirs['rms']:.2e} "
+                f"| {ratio:.2f} | {goal} |"
+            )
+    return ok
+
+
+def overhead(shapes: list[tuple[int, ...]], steps: int = 50, repeats: int = 5) -> None:
+    """Seconds per step beyond the model, with a zero-cost model (D(x) = x, eps = 0)."""
+    import diffusers
+
+    print(f"\n### Per-step overhead with a zero-cost model (microseconds per step, best of {repeats})")
+    print("| shape | method | unnoise | diffusers | ratio |")
+    print("|---|---|---|---|---|")
+    pairs = {
+        "euler": ("euler", "EulerDiscreteScheduler"),
+        "dpm++2m": ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+        "unipc": ("unipc", "UniPCMultistepScheduler"),
+        "ddim": ("ddim", "DDIMScheduler"),
+    }
+    grid = unnoise.grids.make_grid("karras", steps, 0.01, 80.0)
+    for shape in shapes:
+        x = torch.randn(shape)
+        for label, (ours, cls) in pairs.items():
+            t_ours = _best_time(partial(SAMPLERS[ours], lambda x, s: x, x, grid), repeats) / steps
+            t_theirs = _best_time(partial(_run_zero_model, getattr(diffusers, cls)(), x, steps), repeats) / steps
+            print(f"| {shape} | {label} | {t_ours * 1e6:.0f} | {t_theirs * 1e6:.0f} | {t_ours / t_theirs:.2f} |")
+
+
+def _run_zero_model(scheduler, x: torch.Tensor, steps: int) -> None:
+    scheduler.set_timesteps(steps)
+    sample = x
+    for t in scheduler.timesteps:
+        sample = scheduler.step(torch.zeros_like(sample), t, scheduler.scale_model_input(sample, t)).prev_sample
+
+
+def _best_time(fn, repeats: int) -> float:
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2-D mixture only, NFE 5 and 10")
+    args = parser.parse_args()
+    nfes = [5, 10] if args.quick else [5, 10, 20, 50]
+    problems = [("2d", ring_mixture(), 2000)]
+    if not args.quick:
+        problems += [("32d", mixture_32d(), 1000), ("32d-far", mixture_32d(1.5), 1000)]
+    all_rows = []
+    for label, mix, n in problems:
+        for schedule in SCHEDULES:
+            rows = evaluate(label, mix, n, schedule, nfes)
+            print_config_table(rows, nfes)
+            all_rows += rows
+    met = summary(all_rows, nfes)
+    overhead([(64, 2), (16, 3, 32, 32)] if args.quick else [(64, 2), (256, 32), (16, 3, 64, 64)])
+    print(f"\ngoal (unnoise's best <= 0.5 x diffusers' best at NFE 5, 10, 20 everywhere): {'met' if met else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+import math
+
+import pytest
+import torch
+
+from unnoise.grids import TUNED, density_grid, make_grid, tuned_parameters
+from unnoise.schedules import make_schedule
+
+f64 = torch.float64
+
+
+def test_karras_grid_is_edm_equation_5():
+    n, lo, hi, rho = 7, 0.002, 80.0, 7.0
+    g = make_grid("karras", n, lo, hi)
+    want = [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)] + [0.0]
+    torch.testing.assert_close(g, torch.tensor(want, dtype=f64), rtol=1e-12, atol=0)
+
+
+def test_log_snr_grid_is_uniform_in_log_sigma():
+    g = make_grid("log_snr", 9, 0.01, 100.0)
+    steps = g[:-1].log().diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, math.log(1e-4) / 8))
+    assert g[0].item() == pytest.approx(100.0) and g[-2].item() == pytest.approx(0.01) and g[-1] == 0
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_uniform_t_grids_visit_diffusers_timesteps(spacing):
+    diffusers = pytest.importorskip("diffusers")
+    sched = make_schedule("linear", 1000)
+    for n in (7, 10, 50):
+        ref = diffusers.DDIMScheduler(timestep_spacing=spacing)
+        ref.set_timesteps(n)
+        g = make_grid(spacing, n, sched.sigma_min, sched.sigma_max, schedule=sched)
+        t = sched.t_from_sigma(g[:-1])  # our steps are diffusers' indices + 1
+        torch.testing.assert_close(t, ref.timesteps.double() + 1, rtol=0, atol=1e-6)
+
+
+def test_linspace_grid_visits_eulers_fractional_timesteps():
+    diffusers = pytest.importorskip("diffusers")
+    sched = make_schedule("cosine", 1000)
+    ref = diffusers.EulerDiscreteScheduler(beta_schedule="squaredcos_cap_v2")
+    ref.set_timesteps(12)
+    g = make_grid("linspace", 12, sched.sigma_min, sched.sigma_max, schedule=sched)
+    torch.testing.assert_close(sched.t_from_sigma(g[:-1]), ref.timesteps.double() + 1, rtol=0, atol=1e-4)
+
+
+def test_density_grid_with_only_the_floor_is_log_uniform():
+    a = density_grid(9, 0.01, 100.0, center=1.0, width=1.0, floor=1.0, tail=0.0)
+    torch.testing.assert_close(a, make_grid("log_snr", 9, 0.01, 100.0), rtol=1e-9, atol=0)
+    # tail = 1 stops one step short: the quantiles i / n instead of i / (n - 1)
+    b = density_grid(4, 0.01, 100.0, center=1.0, width=1.0, floor=1.0, tail=1.0)
+    torch.testing.assert_close(b[:-1].log(), torch.tensor([4.0, 2.0, 0.0, -2.0], dtype=f64) * math.log(10) * 0.5)
+
+
+def test_density_grid_puts_steps_where_the_density_is():
+    g = density_grid(20, 0.002, 80.0, center=0.5, width=0.5, floor=0.0, tail=0.0)
+    near = ((g[:-1] > 0.5 * math.exp(-1)) & (g[:-1] < 0.5 * math.exp(1))).sum().item()
+    assert near >= 12  # about 68% of the mass within one width, plus the end points elsewhere
+
+
+@pytest.mark.parametrize("sampler", [*TUNED, "ddim", None])
+def test_tuned_grids_are_valid_at_every_step_count(sampler):
+    sched = make_schedule("cosine", 1000)
+    for n in range(1, 61):
+        g = make_grid("tuned", n, sched.sigma_min, sched.sigma_max, sampler=sampler)
+        assert g.shape == (n + 1,) and g[-1] == 0 and (g[:-1] > 0).all() and (g[1:] < g[:-1]).all()
+        assert g[0].item() == pytest.approx(sched.sigma_max) and g[-2].item() >= sched.sigma_min * (1 - 1e-9)
+
+
+def test_tuned_parameters_interpolate_between_fits():
+    fits = TUNED["dpmpp_2m"]
+    steps = sorted(fits)
+    assert tuned_parameters("dpmpp_2m", steps[0]) == fits[steps[0]]
+    mid = tuned_parameters("dpmpp_2m", round(math.sqrt(steps[0] * steps[1])))
+    for key in ("floor", "tail"):
+        lo, hi = sorted((fits[steps[0]][key], fits[steps[1]][key]))
+        assert lo - 1e-12 <= mid[key] <= hi + 1e-12
+    assert tuned_parameters("no_such_sampler", 10) == tuned_parameters("dpmpp_2m", 10)
+
+
+@pytest.mark.parametrize(
+    "args, kw, match",
+    [
+        (("cubic", 5, 0.01, 10.0), {}, "unknown grid 'cubic'; allowed: tuned, karras"),
+        (("karras", 0, 0.01, 10.0), {}, "integer >= 1"),
+        (("karras", 5, 10.0, 1.0), {}, "0 < sigma_min < sigma_max"),
+        (("karras", 5, 0.01, float("inf")), {}, "sigma_max < inf"),
+        (("trailing", 5, 0.01, 10.0), {}, "pass schedule="),
+        (("trailing", 20, 0.01, 10.0), {"schedule": make_schedule("linear", 10)}, "at most T = 10 steps"),
+    ],
+)
+def test_bad_grid_arguments(args, kw, match):
+    with pytest.raises(ValueError, match=match):
+        make_grid(*args, **kw)

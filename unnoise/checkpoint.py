@@ -1,0 +1,369 @@
+"""The run folder: config, weights, EMA, optimizer and RNG state, in safetensors + JSON; never pickle.
+
+Layout (every file written inside a temp folder, fsynced, then the folder renamed into place)::
+
+    RUN/config.json                              the run's config (rewritten atomically)
+    RUN/checkpoints/latest                       names the newest complete step folder
+    RUN/checkpoints/step_00001000/
+        model.safetensors  ema.safetensors       module state dicts (EMA optional)
+        optimizer.json + optimizer.safetensors   optimizer.state_dict(): tensors apart, the rest JSON
+        rng.json + rng.safetensors               torch (CPU, CUDA), numpy, python and named generators
+        state.json (+ state.safetensors)         {"step": ..., whatever the trainer passes}
+
+A crash (even kill -9) at any point leaves the previous checkpoint intact, named by ``latest``,
+and loadable; resuming restores every RNG stream, so a resumed run ends bit-identical.
+
+Non-tensor trees (optimizer state, RNG, trainer state) go to JSON with tensors replaced by
+``{"__tensor__": key}``, tuples by ``{"__tuple__": [...]}`` and dicts with non-string keys by
+``{"__items__": [[k, v], ...]}``, so ``load`` rebuilds them exactly (types, dtypes and bits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import safetensors.torch
+import torch
+from torch import nn
+
+_STEP = re.compile(r"step_(\d+)")
+_TAGS = {"__tensor__", "__tuple__", "__items__"}
+
+
+# ---- files: atomic writes, fsync, safetensors that refuse pickles ------------------------------
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to disk; folders may refuse on some systems."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file beside ``path``, then rename over it: readers see old or new, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _write_text(tmp, text)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """safetensors refuses tensors sharing storage (tied weights): clone the repeats."""
+    seen, flat = set(), {}
+    for key, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        flat[key] = t.clone() if ptr and ptr in seen else t
+        seen.add(ptr)
+    safetensors.torch.save_file(flat, path, metadata={"format": "pt"})
+    _fsync(path)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file to CPU tensors; a pickle, a torch.save archive or a damaged file -> ValueError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError and friends: one clear line, not the library's traceback
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
+            raise ValueError(
+                f"{path} holds a pickle/torch.save archive; unnoise loads only safetensors and never unpickles "
+                "(convert it where you trust its source, with safetensors.torch.save_file)"
+            ) from None
+        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
+
+
+# ---- trees of tensors and plain values <-> JSON + safetensors ----------------------------------
+
+
+def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors (stored in ``tensors`` under a dotted key), tuples and non-str-keyed dicts by tags."""
+    child = (lambda k: f"{key}.{k}") if key else str
+    if isinstance(obj, torch.Tensor):
+        key = key if key not in tensors else f"{key}#{len(tensors)}"
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) for k in obj) and not obj.keys() & _TAGS:
+            return {k: _encode(v, child(k), tensors) for k, v in obj.items()}
+        return {"__items__": [[_encode(k, "", {}), _encode(v, child(k), tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, child(i), tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, child(i), tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise ValueError(
+        f"cannot store {key or 'value'!r} of type {type(obj).__name__} without pickle; allowed: tensors, "
+        "dicts, lists, tuples, str, int, float, bool, None"
+    )
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], where: Path) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors, where) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if obj.keys() == {"__tensor__"}:
+        if obj["__tensor__"] not in tensors:
+            raise ValueError(f"{where} refers to tensor {obj['__tensor__']!r}, missing from its .safetensors")
+        return tensors[obj["__tensor__"]]
+    if obj.keys() == {"__tuple__"}:
+        return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
+    if obj.keys() == {"__items__"}:
+        return {_decode(k, {}, where): _decode(v, tensors, where) for k, v in obj["__items__"]}
+    return {k: _decode(v, tensors, where) for k, v in obj.items()}
+
+
+def _save_tree(folder: Path, name: str, tree: Any) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    _write_text(folder / f"{name}.json", json.dumps(_encode(tree, "", tensors)))
+    if tensors:
+        _save_tensors(folder / f"{name}.safetensors", tensors)
+
+
+def _load_tree(folder: Path, name: str) -> Any:
+    tree, tensors_path = _read_json(folder / f"{name}.json"), folder / f"{name}.safetensors"
+    tensors = read_safetensors(tensors_path) if tensors_path.exists() else {}
+    return _decode(tree, tensors, folder / f"{name}.json")
+
+
+# ---- RNG ----------------------------------------------------------------------------------------
+
+
+def rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """Every RNG stream a training step may draw from: torch (CPU, CUDA), numpy, python, named generators."""
+    np_name, np_key, np_pos, np_has_gauss, np_gauss = np.random.get_state()  # noqa: NPY002 (the legacy global stream is what code draws from)
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [np_name, np_key.tolist(), np_pos, np_has_gauss, np_gauss],
+        "generators": {name: g.get_state() for name, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Generator] | None = None) -> None:
+    """Inverse of ``rng_state``; every generator passed must have a saved state."""
+    for name, g in (generators or {}).items():
+        if name not in state["generators"]:
+            raise ValueError(f"checkpoint has no state for generator {name!r}; it has {sorted(state['generators'])}")
+        g.set_state(state["generators"][name])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np_name, np_key, *rest = state["numpy"]
+    np.random.set_state((np_name, np.asarray(np_key, dtype=np.uint32), *rest))  # noqa: NPY002
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+# ---- modules --------------------------------------------------------------------------------------
+
+
+def _check_keys(path: Path, weights: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    shapes = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(s)}"
+        for k, s in expected.items()
+        if k in weights and weights[k].shape != s
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{path} does not fit the {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches (file vs model) {shapes[:5]}"
+        )
+
+
+def load_model_weights(
+    path: str | os.PathLike, model: nn.Module, *, which: Literal["model", "ema"] = "model"
+) -> nn.Module:
+    """Load weights for sampling from a .safetensors file, a step folder or a run folder (its latest step)."""
+    path = Path(path)
+    if path.is_dir():
+        path = _step_folder(path) / f"{which}.safetensors"
+    weights = read_safetensors(path)
+    _check_keys(path, weights, model)
+    model.load_state_dict(weights)
+    return model
+
+
+# ---- the run folder -------------------------------------------------------------------------------
+
+
+def _require_run(run_dir: str | os.PathLike) -> Path:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"no run folder at {run} (expected config.json and checkpoints/ inside)")
+    return run
+
+
+def save_config(run_dir: str | os.PathLike, config: Mapping[str, Any] | Any) -> Path:
+    """Write RUN/config.json atomically; ``config`` is a JSON-able dict or a dataclass of such fields."""
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    try:
+        text = json.dumps(config, indent=2) + "\n"
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config must be JSON-able (str, number, bool, None, list, dict): {e}") from None
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(run / "config.json", text)
+    return run / "config.json"
+
+
+def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read RUN/config.json."""
+    return _read_json(_require_run(run_dir) / "config.json")
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The step folder ``latest`` names, or (if it names none that exists) the highest step; None if none."""
+    root = _require_run(run_dir) / "checkpoints"
+    named = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else ""
+    if _STEP.fullmatch(named) and (root / named).is_dir():
+        return root / named
+    steps = _step_folders(root)
+    return steps[-1] if steps else None
+
+
+def _step_folders(root: Path) -> list[Path]:
+    """Complete step folders (a temp folder only gets a step_ name once complete), oldest first."""
+    found = [p for p in root.iterdir() if _STEP.fullmatch(p.name) and p.is_dir()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _step_folder(path: Path) -> Path:
+    if (path / "state.json").is_file():
+        return path
+    step = latest_checkpoint(path)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {path / 'checkpoints'}")
+    return step
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int,
+    *,
+    model: nn.Module,
+    ema: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    state: Mapping[str, Any] | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+    keep: int | None = 3,
+) -> Path:
+    """Write RUN/checkpoints/step_NNNNNNNN atomically, point ``latest`` at it, keep the last ``keep`` (None: all).
+
+    ``state`` holds what else resuming needs (data-order position, epoch, scheduler and loss-scaler
+    state, metrics): tensors and JSON values. Returns the step folder.
+    """
+    if step < 0 or (keep is not None and keep < 1):
+        raise ValueError(f"need step >= 0 and keep >= 1 (or None), got step={step}, keep={keep}")
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-step_*"):  # left by a crashed save
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step_{step:08d}"
+    tmp = root / f".tmp-{name}-{os.getpid()}"  # mkdir, not mkdtemp: keep the umask's permissions
+    tmp.mkdir()
+    final, aside = root / name, root / f".tmp-{name}-old"
+    try:
+        _save_tensors(tmp / "model.safetensors", model.state_dict())
+        if ema is not None:
+            _save_tensors(tmp / "ema.safetensors", ema.state_dict())
+        if optimizer is not None:
+            _save_tree(tmp, "optimizer", optimizer.state_dict())
+        _save_tree(tmp, "rng", rng_state(generators))
+        _save_tree(tmp, "state", {**(state or {}), "step": step})
+        _fsync(tmp)
+        if final.exists():  # re-saving a step (a resumed run passing it again): move the old one aside
+            os.replace(final, aside)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+        raise
+    _fsync(root)
+    _atomic_write_text(root / "latest", name + "\n")
+    shutil.rmtree(aside, ignore_errors=True)
+    if keep is not None:  # older steps only: folders from an abandoned later trajectory are left alone
+        older = [p for p in _step_folders(root) if int(p.name[5:]) < step]
+        for p in older[: max(len(older) - (keep - 1), 0)]:
+            shutil.rmtree(p)
+    return final
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    ema: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    generators: Mapping[str, torch.Generator] | None = None,
+) -> dict[str, Any]:
+    """Resume from a step folder or a run folder (its latest step): restore model, EMA, optimizer and all
+    RNG streams (global ones included), and return the trainer state (with ``"step"``).
+
+    Every file is read and checked before anything is modified.
+    """
+    folder = _step_folder(_require_run(path))
+    weights = {"model": (model, read_safetensors(folder / "model.safetensors"))}
+    if ema is not None:
+        weights["ema"] = (ema, read_safetensors(folder / "ema.safetensors"))
+    for name, (module, tensors) in weights.items():
+        _check_keys(folder / f"{name}.safetensors", tensors, module)
+    opt_state = _load_tree(folder, "optimizer") if optimizer is not None else None
+    rng, state = _load_tree(folder, "rng"), _load_tree(folder, "state")
+    for module, tensors in weights.values():
+        module.load_state_dict(tensors)
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
+    set_rng_state(rng, generators)
+    return state

@@ -1,0 +1,44 @@
+"""``unnoise demo images``: a class-conditional U-Net on scikit-learn's digits, in minutes on a CPU.
+
+Writes RUN (the run folder), samples.png (one row per digit, classifier-free guided) and
+trajectory.png (x_t and the predicted x0 along the sampler's steps), and prints the test-set
+negative ELBO in bits/dim.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from unnoise.images_io import save_grid, save_trajectory
+from unnoise.imaging import eval_bpd, load_run, sample_images, train_images
+from unnoise.train import TrainConfig
+
+
+def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
+    cfg = TrainConfig(
+        data="digits",
+        model="small",
+        steps=steps or 3000,
+        batch_size=128,
+        lr=2e-3,
+        warmup=100,
+        seed=seed,
+        save_every=1000,
+        ema_decay=0.999,
+    )
+    start = time.perf_counter()
+    train_images(cfg, out / "run")
+    train_s = time.perf_counter() - start
+    run = load_run(out / "run")
+    images, _ = sample_images(run, n=100, sampler="unipc", nfe=20, guidance=2.0)
+    save_grid(out / "samples.png", images, nrow=10, scale=4)
+    trajectory: list = []
+    sample_images(run, n=10, sampler="unipc", nfe=12, guidance=2.0, trajectory=trajectory)
+    from unnoise.cli import _frames
+
+    save_trajectory(out / "trajectory.png", _frames(trajectory, rows=10), scale=4)
+    bpd, se = eval_bpd(run)
+    print(f"trained {cfg.steps} steps in {train_s:.0f} s; wrote {out / 'samples.png'} and {out / 'trajectory.png'}")
+    print(f"test negative ELBO (digits, p(x | y)): {bpd:.3f} +- {se:.3f} bits/dim")
+    return {"train_seconds": train_s, "bpd": bpd, "bpd_stderr": se}

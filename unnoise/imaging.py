@@ -1,0 +1,193 @@
+"""Images end to end: train a U-Net on an image dataset, load a run, sample and evaluate it.
+
+The modality is a dataset (unnoise.data.images), a network (unnoise.nets.unet) and an
+encode/decode pair (uint8 pixels <-> [-1, 1]); the trainer and the samplers stay generic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
+from unnoise.data.images import ImageDataset, load_images, to_model, to_uint8
+from unnoise.denoisers import from_discrete
+from unnoise.guidance import classifier_free
+from unnoise.losses import elbo_terms
+from unnoise.nets.unet import UNet, UNetConfig
+from unnoise.sampling import sample as run_sampler
+from unnoise.schedules import DiscreteSchedule, make_schedule
+from unnoise.train import TrainConfig, train
+
+
+def dataset(cfg: TrainConfig, split: str = "train") -> ImageDataset:
+    """The run's images: digits are split 80/20 by a fixed permutation; Fashion-MNIST by its files."""
+    if cfg.data == "fashion-mnist":
+        return load_images("fashion-mnist", split=split)
+    kw = {} if cfg.data == "digits" else {"size": cfg.image_size or 32}
+    data = load_images(cfg.data, **kw)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(1234))
+    cut = int(0.8 * len(data))
+    idx = order[:cut] if split == "train" else order[cut:]
+    return ImageDataset(data.images[idx], data.labels[idx], data.class_names)
+
+
+def build_net(cfg: TrainConfig, data: ImageDataset) -> UNet:
+    num_classes = len(data.class_names) if cfg.conditional and data.class_names else None
+    config = UNetConfig.preset(cfg.model, data.images.shape[-1], data.images.shape[1], num_classes)
+    config = dataclasses.replace(config, learned_variance=cfg.loss == "hybrid", **cfg.extra.get("unet", {}))
+    return UNet(config)
+
+
+def train_images(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> UNet:
+    """Train on ``cfg.data``; returns the EMA network. Sample grids go to RUN/samples/."""
+    torch.manual_seed(cfg.seed)
+    data = dataset(cfg, "train")
+    cfg.extra["class_names"] = list(data.class_names)
+    net = build_net(cfg, data).to(memory_format=torch.channels_last)
+    null = net.config.num_classes
+
+    def on_sample(ema: UNet, step: int) -> None:
+        run = ImageRun(ema, make_schedule(cfg.schedule, cfg.T), cfg, data.class_names)
+        images, _ = sample_images(run, n=min(64, 8 * max(1, len(data.class_names))), nfe=20, seed=0)
+        from unnoise.images_io import save_grid
+
+        save_grid(Path(run_dir) / "samples" / f"step_{step:08d}.png", images, scale=_scale(images))
+
+    return train(
+        cfg,
+        run_dir,
+        net,
+        to_model(data.images),
+        data.labels,
+        null_label=null,
+        resume=resume,
+        on_sample=on_sample,
+        progress=progress,
+    )
+
+
+@dataclass
+class ImageRun:
+    net: UNet  # EMA weights
+    schedule: DiscreteSchedule
+    cfg: TrainConfig
+    class_names: list[str]
+
+    @property
+    def conditional(self) -> bool:
+        return self.net.config.num_classes is not None
+
+
+def load_run(run_dir: str | Path, which: str = "ema") -> ImageRun:
+    """The network of a run folder with its EMA (or raw) weights, ready to sample."""
+    config = load_config(run_dir)
+    if "net" not in config or "train" not in config:
+        raise ValueError(f"{Path(run_dir) / 'config.json'} is not an image run (no 'net' and 'train' sections)")
+    cfg = TrainConfig(**config["train"])
+    net = UNet(UNetConfig(**config["net"]))
+    step = latest_checkpoint(run_dir)
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: train first (unnoise train image ...)")
+    load_model_weights(step, net, which=which)
+    names = cfg.extra.get("class_names") or [str(i) for i in range(net.config.num_classes or 0)]
+    return ImageRun(net.eval(), make_schedule(cfg.schedule, cfg.T), cfg, names)
+
+
+def denoiser(run: ImageRun, labels: Tensor | None, guidance: float = 1.0):
+    """D(x, sigma) of the run; with labels and guidance != 1, classifier-free guided."""
+    null = run.net.config.num_classes
+
+    def conditional(x: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
+        return from_discrete(lambda x_t, t: run.net(x_t, t, y), run.schedule, prediction=run.cfg.prediction)(x, sigma)
+
+    if labels is None:
+        return lambda x, sigma: conditional(x, sigma, None if null is None else torch.full((x.shape[0],), null))
+    if null is None:
+        raise ValueError("this model is unconditional: it takes no class (train with --conditional)")
+    if guidance == 1.0:
+        return lambda x, sigma: conditional(x, sigma, labels)
+    return classifier_free(conditional, labels, torch.tensor(null), guidance)
+
+
+@torch.no_grad()
+def sample_images(
+    run: ImageRun,
+    *,
+    n: int = 64,
+    sampler: str = "unipc",
+    nfe: int = 20,
+    guidance: float = 1.0,
+    class_id: int | None = None,
+    seed: int = 0,
+    trajectory: list | None = None,
+    **options,
+) -> tuple[Tensor, Tensor]:
+    """``n`` images (uint8, N x C x H x W) and their labels (-1 unconditional).
+
+    Conditional runs without ``class_id`` cycle through the classes (row i of an 8-wide grid...).
+    Per-sample seeds (seed + i) make image i independent of n. ``trajectory`` collects
+    (sigma, x, x0_hat) per step when given.
+    """
+    labels = _labels(run, n, class_id)
+    c = run.net.config
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
+    x = torch.stack([torch.randn(c.in_channels, c.image_size, c.image_size, generator=g) for g in generators]) * s_max
+    callback = None if trajectory is None else (lambda i, s, x, x0: trajectory.append((float(s), x, x0)))
+    D = denoiser(run, labels if labels[0] >= 0 else None, guidance)
+    out = run_sampler(
+        D,
+        x,
+        sampler=sampler,
+        nfe=nfe,
+        sigma_max=s_max,
+        sigma_min=s_min,
+        generator=generators,
+        callback=callback,
+        **options,
+    )
+    return to_uint8(out.clamp(-1, 1)), labels
+
+
+def _labels(run: ImageRun, n: int, class_id: int | None) -> Tensor:
+    k = run.net.config.num_classes
+    if class_id is not None:
+        if k is None:
+            raise ValueError("this model is unconditional: --class needs a class-conditional run")
+        if not 0 <= class_id < k:
+            raise ValueError(f"unknown class {class_id}; allowed: 0..{k - 1} ({', '.join(run.class_names)})")
+        return torch.full((n,), class_id)
+    if k is None:
+        return torch.full((n,), -1)
+    return torch.arange(n) // max(1, math.ceil(n / k)) % k
+
+
+@torch.no_grad()
+def eval_bpd(run: ImageRun, *, n: int | None = None, batch_size: int = 256) -> tuple[float, float]:
+    """Test-split negative ELBO in bits/dim (discretized decoder on 8-bit pixels): (mean, stderr).
+
+    Conditional runs are scored with their labels: bits/dim of p(x | y). T model calls per batch.
+    """
+    data = dataset(run.cfg, "test")
+    x0, y = to_model(data.images)[:n], data.labels[:n]
+    conditional = run.net.config.num_classes is not None
+    per_sample = []
+    for xb, yb in zip(x0.split(batch_size), y.split(batch_size), strict=True):
+
+        def model(x_t: Tensor, t: Tensor, labels=yb if conditional else None) -> Tensor:
+            return run.net(x_t, t, labels)
+
+        e = elbo_terms(model, xb, run.schedule, prediction=run.cfg.prediction, variance=run.cfg.variance, clip_x0=True)
+        per_sample.append(e.bpd)
+    bpd = torch.cat(per_sample).double()
+    return bpd.mean().item(), (bpd.std() / math.sqrt(len(bpd))).item() if len(bpd) > 1 else float("nan")
+
+
+def _scale(images: Tensor) -> int:
+    return max(1, 64 // images.shape[-1])

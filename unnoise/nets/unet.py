@@ -1,0 +1,241 @@
+"""The ADM U-Net (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs"; improved-diffusion's UNetModel).
+
+The network maps a noisy image x ``(B, C, H, W)``, a noise-conditioning input t ``(B,)`` (a timestep or
+EDM's c_noise: the denoiser wrapper decides which) and optional class labels ``(B,)`` to a tensor of x's
+shape (``2C`` channels with a learned variance). At each level of the down path: ``num_res_blocks``
+residual blocks (each followed by self-attention where the feature map has a configured size), then a
+strided-conv downsample; a res-attn-res middle; an up path that mirrors it with one more block per
+level, each block eating one skip activation of the down path, concatenated on channels:
+
+    x -> conv_in -> [res (attn)] x N, down -> ... -> res attn res -> [cat skip, res (attn)] x (N+1), up -> ... -> out
+
+Every residual branch ends in a zero-initialised layer and so does the output conv: at initialisation
+each block is the identity on its skip path and the network outputs exactly zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unnoise.nets.layers import timestep_embedding
+
+Preset = Literal["tiny", "small", "cifar"]
+PRESETS: tuple[str, ...] = ("tiny", "small", "cifar")
+
+
+@dataclass
+class UNetConfig:
+    image_size: int = 32
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # channels at level i: base_channels * channel_mults[i]
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (16,)  # feature-map sizes (H) that get self-attention
+    num_heads: int = 4
+    head_channels: int | None = None  # when set, heads = channels // head_channels (overrides num_heads)
+    dropout: float = 0.1
+    num_classes: int | None = None  # None: unconditional; else ids 0..num_classes-1 and the null id num_classes
+    learned_variance: bool = False  # output [prediction, v]: 2 * in_channels (Nichol & Dhariwal 2021)
+
+    def __post_init__(self):
+        # lists (e.g. from config.json) become tuples, so configs compare and hash alike
+        self.channel_mults = tuple(self.channel_mults)
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {self.channel_mults}")
+        factor = 2 ** (len(self.channel_mults) - 1)
+        if self.image_size < 1 or self.image_size % factor:
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by 2**(len(channel_mults) - 1) = {factor} "
+                f"(channel_mults={self.channel_mults}); allowed: positive multiples of {factor}"
+            )
+        bad = [r for r in self.attention_resolutions if r not in self.resolutions]
+        if bad:
+            raise ValueError(f"attention_resolutions {bad} are no feature-map size here; allowed: {self.resolutions}")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"num_classes must be None (unconditional) or >= 1, got {self.num_classes}")
+
+    @property
+    def resolutions(self) -> tuple[int, ...]:
+        """Feature-map size at each level of the down path, e.g. 28 with 3 levels -> (28, 14, 7)."""
+        return tuple(self.image_size >> level for level in range(len(self.channel_mults)))
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * (2 if self.learned_variance else 1)
+
+    @classmethod
+    def preset(cls, name: Preset, image_size: int, in_channels: int, num_classes: int | None = None) -> UNetConfig:
+        """Named sizes: "tiny" (tests, 0.19M params), "small" (8x8 digits, 28x28 Fashion-MNIST on a CPU,
+        1.7M), "cifar" (32x32, DDPM's CIFAR-10 layout with ADM's scale-shift norm, 38.3M)."""
+        if name == "tiny":
+            kw = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, dropout=0.0, num_heads=2)
+        elif name == "small":
+            kw = dict(base_channels=32, channel_mults=(1, 2, 2), num_res_blocks=2, dropout=0.1, num_heads=4)
+        elif name == "cifar":
+            kw = dict(base_channels=128, channel_mults=(1, 2, 2, 2), num_res_blocks=2, dropout=0.1, head_channels=64)
+        else:
+            raise ValueError(f"unknown U-Net preset {name!r}; allowed: {', '.join(PRESETS)}")
+        # attention at the lowest resolution (tiny, small), at 16x16 like DDPM and ADM (cifar)
+        lowest = image_size >> (len(kw["channel_mults"]) - 1)
+        attention = (16,) if name == "cifar" else (lowest,)
+        return cls(image_size, in_channels, attention_resolutions=attention, num_classes=num_classes, **kw)
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with ADM's 32 groups when ``channels`` allows, else its largest divisor below 32."""
+    return nn.GroupNorm(max(g for g in range(1, 33) if channels % g == 0), channels)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm, scale-shift by the embedding -> SiLU -> dropout -> conv3x3 (zero).
+
+    ``h`` ``(B, c_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, c_out, H, W)``.
+    """
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * c_out)  # -> [scale, shift]
+        self.norm2, self.drop = group_norm(c_out), nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
+        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
+        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # 2 x (B, c_out, 1, 1)
+        h = self.norm2(h) * (1 + scale) + shift  # ADM's "use_scale_shift_norm"
+        h = self.conv2(self.drop(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W positions: GroupNorm -> qkv 1x1 -> SDPA -> 1x1 (zero), residual."""
+
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Sequential):
+    """Strided conv3x3: ``(B, c, H, W)`` -> ``(B, c, H/2, W/2)``."""
+
+    def __init__(self, channels: int):
+        super().__init__(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then conv3x3: ``(B, c, H, W)`` -> ``(B, c, 2H, 2W)``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Stage(nn.Sequential):
+    """Layers run in order; the residual blocks also receive the embedding (ADM's TimestepEmbedSequential)."""
+
+    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+        for layer in self:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return h
+
+
+class UNet(nn.Module):
+    """ADM U-Net (Dhariwal & Nichol 2021): x ``(B, C, H, W)``, t ``(B,)``, labels ``(B,)`` or None -> ``(B, C', H, W)``.
+
+    ``C' = C``, or ``2C`` (``[prediction, v]``) with ``config.learned_variance``.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        base, emb_dim = cfg.base_channels, 4 * cfg.base_channels
+
+        def heads(channels: int) -> int:
+            return channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
+
+        def stage(c_in: int, c_out: int, size: int) -> Stage:
+            res = ResBlock(c_in, c_out, emb_dim, cfg.dropout)
+            return Stage(res, Attention(c_out, heads(c_out))) if size in cfg.attention_resolutions else Stage(res)
+
+        # noise-level (and class) embedding, (B,) -> (B, emb_dim); the last class id is the null class
+        self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+
+        # down path; `skips` records the channels of each activation the up path will concatenate
+        self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+        self.down, skips, ch = nn.ModuleList(), [base], base
+        for level, (mult, size) in enumerate(zip(cfg.channel_mults, cfg.resolutions, strict=True)):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(stage(ch, base * mult, size))
+                ch = base * mult
+                skips.append(ch)
+            if level < len(cfg.channel_mults) - 1:
+                self.down.append(Stage(Downsample(ch)))
+                skips.append(ch)
+
+        self.middle = Stage(
+            ResBlock(ch, ch, emb_dim, cfg.dropout), Attention(ch, heads(ch)), ResBlock(ch, ch, emb_dim, cfg.dropout)
+        )
+
+        # up path: one more block per level than the down path, so each skip is used exactly once
+        self.up = nn.ModuleList()
+        for level, (mult, size) in reversed(list(enumerate(zip(cfg.channel_mults, cfg.resolutions, strict=True)))):
+            for i in range(cfg.num_res_blocks + 1):
+                block = stage(ch + skips.pop(), base * mult, size)
+                ch = base * mult
+                if level > 0 and i == cfg.num_res_blocks:
+                    block.append(Upsample(ch))
+                self.up.append(block)
+        assert not skips
+
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        cfg = self.config
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # () or (B,) -> (B,)
+        emb = self.time_embed(timestep_embedding(t, cfg.base_channels).to(x.dtype))  # (B, emb_dim)
+        if self.label_embed is not None:
+            if labels is None:  # unconditional call: every sample gets the null class
+                labels = torch.full((x.shape[0],), cfg.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.label_embed(labels)
+        elif labels is not None:
+            raise ValueError("labels were given to a U-Net built without num_classes (unconditional)")
+
+        h = self.conv_in(x)  # (B, base, H, W)
+        hs = [h]
+        for block in self.down:
+            h = block(h, emb)
+            hs.append(h)
+        h = self.middle(h, emb)  # (B, base * mults[-1], H / 2^(L-1), W / 2^(L-1))
+        for block in self.up:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+        return self.out(h)  # (B, out_channels, H, W)

@@ -1,0 +1,247 @@
+"""The training loop: any dataset of tensors, any network, the discrete-time losses.
+
+One step: a batch in a fixed per-epoch order, labels dropped to the null class with probability
+``p_uncond`` (for classifier-free guidance), ``diffusion_loss`` at t from the timestep sampler,
+AdamW with linear warm-up, gradient clipping and accumulation, optional bf16 autocast on CPU,
+EMA with warm-up. The data order is a function of (seed, epoch) and every other random draw
+comes from one generator checkpointed with the weights, so ``resume`` continues exactly: a run killed with kill -9
+and resumed ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from unnoise.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_config
+from unnoise.diffusion import reverse_table
+from unnoise.losses import LossAwareSampler, UniformSampler, diffusion_loss
+from unnoise.schedules import make_schedule
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as the run folder's config.json."""
+
+    data: str = "digits"  # digits | fashion-mnist | a folder of images
+    image_size: int | None = None  # folders only
+    model: str = "small"  # a UNet preset: tiny | small | cifar
+    conditional: bool = True  # class labels with a null class (classifier-free guidance)
+    p_uncond: float = 0.1  # probability of training on the null label
+    T: int = 1000
+    schedule: str = "cosine"
+    prediction: Literal["eps", "x0", "v"] = "eps"
+    loss: Literal["simple", "hybrid", "min_snr"] = "simple"
+    min_snr_gamma: float = 5.0
+    timestep_sampling: Literal["uniform", "loss_aware"] = "uniform"
+    steps: int = 2000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 25
+    save_every: int = 500
+    keep: int = 3
+    extra: dict = field(default_factory=dict)  # modality-specific settings (network size, ...)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "T", "keep", "log_every", "save_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"p_uncond must lie in [0, 1), got {self.p_uncond}")
+        if self.loss not in ("simple", "hybrid", "min_snr"):
+            raise ValueError(f"unknown loss {self.loss!r}; allowed: simple, hybrid, min_snr")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+
+    @property
+    def variance(self) -> str:
+        return "learned_range" if self.loss == "hybrid" else "fixed_small"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # index into this epoch's permutation
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up to ``lr``, then constant (the EMA does the averaging)."""
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+
+
+def ema_decay(cfg: TrainConfig, step: int) -> float:
+    """EMA warm-up (as in ADM/EDM practice): decay min(d, (1 + step) / (10 + step))."""
+    return min(cfg.ema_decay, (1 + step) / (10 + step))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers(), strict=True):
+        e.copy_(b)
+
+
+class Batches:
+    """Minibatches in a permutation per epoch, a pure function of (seed, epoch): resumable anywhere."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if n < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.batch_size, self.seed = n, min(batch_size, n), seed
+        self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def order(self, epoch: int) -> Tensor:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=g)
+        return self._order
+
+    def next(self, state: TrainState) -> Tensor:
+        idx = self.order(state.epoch)[state.position : state.position + self.batch_size]
+        state.position += self.batch_size
+        if state.position + self.batch_size > self.n:  # drop the ragged end: equal batches
+            state.epoch, state.position = state.epoch + 1, 0
+        return idx
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    net: nn.Module,
+    x0: Tensor,
+    labels: Tensor,
+    *,
+    null_label: int | None,
+    forward: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor] | None = None,
+    resume: bool = False,
+    on_sample: Callable[[nn.Module, int], None] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Train ``net`` on ``x0`` (N, ...) in model scale, labels (N,); returns the EMA network.
+
+    ``forward(net, x_t, t, labels)`` calls the network (default ``net(x_t, t, labels)``).
+    Writes RUN/config.json, RUN/log.jsonl and checkpoints every ``save_every`` steps and at the end.
+    """
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    forward = forward or (lambda m, x, t, y: m(x, t, y))
+    schedule = make_schedule(cfg.schedule, cfg.T)
+    table = reverse_table(schedule)
+    sampler = (LossAwareSampler if cfg.timestep_sampling == "loss_aware" else UniformSampler)(cfg.T)
+    g_noise = torch.Generator().manual_seed(cfg.seed + 1)
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = TrainState()
+    if resume and latest_checkpoint(run) is not None:
+        saved = load_checkpoint(run, model=net, ema=ema, optimizer=opt, generators={"noise": g_noise})
+        state = TrainState(saved["step"], saved["epoch"], saved["position"])
+    elif resume:
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {run}")
+    save_config(run, {"train": dataclasses.asdict(cfg)} | _net_config(net))
+    batches = Batches(len(x0), cfg.batch_size, cfg.seed)
+    bar = _progress(cfg.steps, state.step, progress)
+    log = open(run / "log.jsonl", "a", encoding="utf-8")
+    window, t_start = [], time.perf_counter()
+    try:
+        while state.step < cfg.steps:
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(cfg, state.step)
+            opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for _ in range(cfg.grad_accum):
+                idx = batches.next(state)
+                loss = _loss(cfg, net, forward, x0[idx], labels[idx], null_label, table, sampler, g_noise)
+                (loss / cfg.grad_accum).backward()
+                total += loss.item() / cfg.grad_accum
+            if not math.isfinite(total):
+                raise FloatingPointError(f"loss is {total} at step {state.step}: lower the learning rate")
+            grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).item()
+            opt.step()
+            update_ema(ema, net, ema_decay(cfg, state.step))
+            state.step += 1
+            window.append(total)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+                elapsed = time.perf_counter() - t_start
+                rate = len(window) * cfg.batch_size * cfg.grad_accum / max(elapsed, 1e-9)
+                record = {"step": state.step, "loss": sum(window) / len(window), "lr": learning_rate(cfg, state.step)}
+                record |= {"grad_norm": grad_norm, "images_per_s": rate}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{rate:.0f}")
+                window, t_start = [], time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+                save_checkpoint(
+                    run,
+                    state.step,
+                    model=net,
+                    ema=ema,
+                    optimizer=opt,
+                    state=dataclasses.asdict(state),
+                    generators={"noise": g_noise},
+                    keep=cfg.keep,
+                )
+                if on_sample is not None:
+                    on_sample(ema, state.step)
+    finally:
+        log.close()
+        if bar is not None:
+            bar.close()
+    return ema
+
+
+def _loss(cfg, net, forward, x0, y, null_label, table, sampler, g_noise) -> Tensor:
+    if null_label is not None and cfg.p_uncond > 0:
+        drop = torch.rand(y.shape, generator=g_noise) < cfg.p_uncond
+        y = torch.where(drop, torch.full_like(y, null_label), y)
+    t, weights = sampler.sample(x0.shape[0], g_noise)
+    noise = torch.randn(x0.shape, generator=g_noise, dtype=x0.dtype)
+    labels = y if null_label is not None else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        terms = diffusion_loss(
+            lambda x_t, tt: forward(net, x_t, tt, labels).float(),
+            x0,
+            t,
+            noise,
+            table,
+            prediction=cfg.prediction,
+            variance=cfg.variance,
+            kind="hybrid" if cfg.loss == "hybrid" else "simple",
+            min_snr_gamma=cfg.min_snr_gamma if cfg.loss == "min_snr" else None,
+        )
+    sampler.update(t, terms.loss)
+    return (terms.loss * weights.to(terms.loss)).mean()
+
+
+def _net_config(net: nn.Module) -> dict:
+    cfg = getattr(net, "config", None)
+    return {"net": dataclasses.asdict(cfg)} if dataclasses.is_dataclass(cfg) else {}
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="training", unit="step")
