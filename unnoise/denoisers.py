@@ -305,3 +305,13 @@ def from_diffusers_unet(unet: Any, scheduler: Any) -> DiscreteDenoiser:
     return from_discrete(
         model, schedule, prediction=DIFFUSERS_PREDICTIONS[prediction_type], timestep_offset=1, variance=variance
     )
+
+
+def clipped(denoise: Denoiser, low: float = -1.0, high: float = 1.0) -> Denoiser:
+    """D clamped to the data's range (DDPM's ``clip_denoised``): x0 estimates from eps-networks at
+    high noise carry the eps error times sigma (2e4 for the cosine schedule), far outside [-1, 1]."""
+
+    def clip(x: Tensor, sigma: Tensor) -> Tensor:
+        return denoise(x, sigma).clamp(low, high)
+
+    return clip

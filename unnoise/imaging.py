@@ -16,7 +16,7 @@ from torch import Tensor
 
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.images import ImageDataset, load_images, to_model, to_uint8
-from unnoise.denoisers import from_discrete
+from unnoise.denoisers import clipped, from_discrete
 from unnoise.guidance import classifier_free
 from unnoise.losses import elbo_terms
 from unnoise.nets.unet import UNet, UNetConfig
@@ -135,12 +135,14 @@ def sample_images(
     (sigma, x, x0_hat) per step when given.
     """
     labels = _labels(run, n, class_id)
+    if guidance != 1.0 and not run.conditional:
+        raise ValueError("this model is unconditional: guidance needs a class-conditional run (leave it at 1)")
     c = run.net.config
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
     x = torch.stack([torch.randn(c.in_channels, c.image_size, c.image_size, generator=g) for g in generators]) * s_max
     callback = None if trajectory is None else (lambda i, s, x, x0: trajectory.append((float(s), x, x0)))
-    D = denoiser(run, labels if labels[0] >= 0 else None, guidance)
+    D = clipped(denoiser(run, labels if labels[0] >= 0 else None, guidance))
     out = run_sampler(
         D,
         x,
