@@ -7,8 +7,9 @@ schedule's sigma_max and spends at most NFE denoiser calls. Printed per configur
 
 - ODE error: RMS over all coordinates of (sample - high-accuracy PF-ODE solution from the same
   noise), and the median over samples of the per-sample RMS;
-- Frechet distance (means and covariances) and mode-weight error (total variation between the
-  components' weights and the share of samples each component explains best) against the truth;
+- Frechet distance (means and covariances) against the true mixture, and mode-weight error (total
+  variation between the shares of samples each component explains best, in the samples and in
+  exact draws); the "exact ODE" row shows the floor these have for this many samples;
 - per-step overhead with a zero-cost model, unnoise vs diffusers.
 
 Run: python benchmarks/samplers.py            (about 10 minutes on 2 CPU cores)
@@ -82,14 +83,29 @@ def metrics(mix: GaussianMixture, out: torch.Tensor, ref: torch.Tensor) -> dict[
     mean, cov = out.mean(0), torch.cov(out.T).reshape(mix.dim, mix.dim)
     true_mean, true_cov = mix.weights @ mix.means, mix.covariance()
     fd = (mean - true_mean).pow(2).sum() + _trace_sqrt_term(cov, true_cov)
-    _, comp = _components(mix, out)
-    share = torch.bincount(comp, minlength=len(mix.weights)).double() / len(out)
     return {
         "rms": err.pow(2).mean().sqrt().item(),
         "median": per_sample.median().item(),
         "fd": fd.item(),
-        "modes": 0.5 * (share - mix.weights).abs().sum().item(),
+        "modes": 0.5 * (_shares(mix, out) - _true_shares(mix)).abs().sum().item(),
     }
+
+
+def _shares(mix: GaussianMixture, x: torch.Tensor) -> torch.Tensor:
+    """Share of samples that each component explains best (argmax responsibility)."""
+    logp, _, _ = mix._components(x, 0.0)
+    return torch.bincount(logp.argmax(-1), minlength=len(mix.weights)).double() / len(x)
+
+
+_TRUTH: dict[int, torch.Tensor] = {}
+
+
+def _true_shares(mix: GaussianMixture) -> torch.Tensor:
+    """The same statistic on 200k exact samples (overlapping components make it differ from the weights)."""
+    key = id(mix)
+    if key not in _TRUTH:
+        _TRUTH[key] = _shares(mix, mix.sample(200_000, torch.Generator().manual_seed(99))[0])
+    return _TRUTH[key]
 
 
 def _trace_sqrt_term(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
@@ -98,11 +114,6 @@ def _trace_sqrt_term(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
     s1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
     m = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp(min=0).sqrt().sum()
     return torch.trace(c1) + torch.trace(c2) - 2 * m
-
-
-def _components(mix: GaussianMixture, x: torch.Tensor):
-    logp, _, _ = mix._components(x, 0.0)
-    return logp, logp.argmax(-1)
 
 
 def run_ours(name: str, mix, x, nfe: int, sched) -> torch.Tensor:
@@ -140,6 +151,9 @@ def evaluate(label: str, mix: GaussianMixture, n: int, schedule: str, nfes: list
             refs[sigma_start] = reference_solution(mix, sigma_start * noise, sigma_start)
         return refs[sigma_start]
 
+    exact = metrics(mix, ref_for(sched.sigma_max), ref_for(sched.sigma_max))
+    for nfe in nfes:  # the floor of FD and mode error for this many samples
+        rows.append({"side": "reference", "method": "exact ODE", "nfe": nfe} | exact)
     for name in OURS:
         for nfe in nfes:
             x = sched.sigma_max * noise
@@ -171,7 +185,7 @@ def print_config_table(rows: list[dict], nfes: list[int]) -> None:
     print(f"\n### {config}: RMS ODE error (median per-sample RMS) | FD | mode-weight TV, by NFE")
     print("| side | method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
     print("|---|---|" + "---|" * len(nfes))
-    for side in ("unnoise", "diffusers"):
+    for side in ("reference", "unnoise", "diffusers"):
         methods = dict.fromkeys(r["method"] for r in rows if r["side"] == side)
         for m in methods:
             cells = []
