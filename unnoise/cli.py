@@ -80,7 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run")
     ev.add_argument("--run", type=Path, required=True)
     ev.add_argument("--bpd", action="store_true", help="test-set negative ELBO in bits/dim")
-    ev.add_argument("--n", type=_positive_int, default=None, help="only the first N test images")
+    ev.add_argument("--n", type=_positive_int, default=None, help="--bpd: only the first N test images")
+    ev.add_argument("--fid", type=_positive_int, default=None, metavar="N", help="FID of N samples vs the test split")
+    ev.add_argument("--sampler", default="unipc", help="--fid: the sampler")
+    ev.add_argument("--nfe", type=_positive_int, default=20, help="--fid: denoiser evaluations per sample")
+    ev.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="--fid: classifier-free guidance")
 
     demo = sub.add_parser("demo", help="train a small model on built-in data; write pictures and figures")
     demo.add_argument("kind", nargs="?", choices=["toy", "images"], default="toy")
@@ -201,12 +205,17 @@ def _frames(trajectory: list, rows: int = 8, columns: int = 6) -> list:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from unnoise.imaging import eval_bpd, load_run
+    from unnoise.imaging import eval_bpd, eval_fid, load_run
 
-    if not args.bpd:
-        raise ValueError("say what to evaluate; allowed: --bpd")
-    bpd, se = eval_bpd(load_run(args.run), n=args.n)
-    print(f"test negative ELBO: {bpd:.4f} +- {se:.4f} bits/dim")
+    if not (args.bpd or args.fid):
+        raise ValueError("say what to evaluate; allowed: --bpd, --fid N")
+    run = load_run(args.run)
+    if args.bpd:
+        bpd, se = eval_bpd(run, n=args.n)
+        print(f"test negative ELBO: {bpd:.4f} +- {se:.4f} bits/dim")
+    if args.fid:
+        score = eval_fid(run, n=args.fid, sampler=args.sampler, nfe=args.nfe, guidance=args.guidance)
+        print(f"FID@{args.fid} vs the test split ({args.sampler}, {args.nfe} NFE): {score:.2f}")
 
 
 def _demo(args: argparse.Namespace) -> None:

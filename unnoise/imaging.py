@@ -191,5 +191,16 @@ def eval_bpd(run: ImageRun, *, n: int | None = None, batch_size: int = 256) -> t
     return bpd.mean().item(), (bpd.std() / math.sqrt(len(bpd))).item() if len(bpd) > 1 else float("nan")
 
 
+def eval_fid(run: ImageRun, *, n: int = 1000, batch_size: int = 250, **sampling) -> float:
+    """FID of ``n`` samples (class-balanced for conditional runs) against the whole test split."""
+    from unnoise.metrics import InceptionFeatures, fid
+
+    features = InceptionFeatures()  # fails early, with the install hint, if the extra is missing
+    images = torch.cat(
+        [sample_images(run, n=min(batch_size, n - i), seed=i, **sampling)[0] for i in range(0, n, batch_size)]
+    )
+    return fid(images, dataset(run.cfg, "test").images, features)
+
+
 def _scale(images: Tensor) -> int:
     return max(1, 64 // images.shape[-1])

