@@ -7,11 +7,9 @@ sample at ``sigmas[0]``. ``callback(i, sigma_i, x_i, x0_hat_i)`` sees every mode
 on the grid. ``generator`` is a ``torch.Generator`` or a list of them, one per sample, so that
 a sample does not depend on the batch it was drawn in (EDM's per-sample seeds).
 
-In sigma-space with lambda = -log(sigma), the probability-flow ODE dx/dsigma = (x - D) / sigma
-has the exact first-order (exponential-integrator) step x' = D + (sigma' / sigma)(x - D). That
-one formula is Euler, DDIM (eta = 0) and DPM-Solver++(1) at once; the higher-order methods below
-add corrections built from earlier denoiser outputs. No sampler disables autograd or shows a
-progress bar: that is the caller's choice.
+The shared pieces (types, grid checks, per-sample noise, the exact first-order step) live in
+:mod:`unnoise.sampler_core`, UniPC in :mod:`unnoise.unipc`; :data:`SAMPLERS` names them all.
+No sampler disables autograd or shows a progress bar: that is the caller's choice.
 """
 
 from __future__ import annotations
@@ -26,59 +24,19 @@ from numpy.polynomial import polynomial as P
 from torch import Tensor
 
 from unnoise.ode import solve_rk45
+from unnoise.sampler_core import (
+    Callback,
+    Denoiser,
+    Generator,
+    ancestral_step,
+    check_sigmas,
+    evaluate,
+    first_order_step,
+    randn_like,
+)
+from unnoise.unipc import sample_unipc, sample_unipc_3, sample_unipc_bh1, sample_unipc_bh2
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-Callback = Callable[[int, Tensor, Tensor, Tensor], None]
-Generator = torch.Generator | Sequence[torch.Generator] | None
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared pieces
-# ---------------------------------------------------------------------------------------------
-
-
-def check_sigmas(sigmas: Tensor | Sequence[float]) -> Tensor:
-    """Validate a grid: 1-D, >= 2 entries, positive and strictly decreasing, last entry 0."""
-    s = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    if s.ndim != 1 or s.numel() < 2:
-        raise ValueError(f"sigmas must be a 1-D grid of at least 2 noise levels, got shape {tuple(s.shape)}")
-    if not torch.isfinite(s[:-1]).all() or s[-1] != 0 or (s[:-1] <= 0).any():
-        raise ValueError("sigmas must be finite and positive, and end in 0 (the clean data)")
-    if (s[1:] >= s[:-1]).any():
-        raise ValueError("sigmas must be strictly decreasing (from sigma_max down to 0)")
-    return s
-
-
-def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
-    """Standard normal noise shaped like x; one generator per sample when given a list."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-    if len(generator) != x.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}: give one per sample")
-    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
-
-
-def _eval(denoise: Denoiser, x: Tensor, sigma: Tensor, i: int, callback: Callback | None) -> Tensor:
-    s = sigma.to(dtype=x.dtype, device=x.device)
-    x0 = denoise(x, s)
-    if callback is not None:
-        callback(i, s, x, x0)
-    return x0
-
-
-def _first_order(x: Tensor, x0: Tensor, sigma: float, sigma_next: float) -> Tensor:
-    """Exact step of the linear part: x' = D + (sigma' / sigma)(x - D)."""
-    return x0 + (sigma_next / sigma) * (x - x0)
-
-
-def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of an eta-ancestral step: sigma_down^2 + sigma_up^2 = sigma_next^2.
-
-    sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2) is DDIM's sigma_t (Song et al.
-    2021, Eq. 16) mapped to sigma-space; eta = 1 is DDPM's posterior q(x_{t-1} | x_t, x0).
-    """
-    up = min(sigma_next, eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next**2 / sigma**2)))
-    return math.sqrt(sigma_next**2 - up**2), up
+__all__ = ["SAMPLERS", "Callback", "Denoiser", "Generator", "check_sigmas", "randn_like"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +48,7 @@ def sample_euler(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Gen
     """Euler on the PF-ODE in sigma-space (Karras et al. 2022, Alg. 1); N steps, N evaluations."""
     s = check_sigmas(sigmas).tolist()
     for i in range(len(s) - 1):
-        x = _first_order(x, _eval(denoise, x, sigmas[i], i, callback), s[i], s[i + 1])
+        x = first_order_step(x, evaluate(denoise, x, sigmas[i], i, callback), s[i], s[i + 1])
     return x
 
 
@@ -113,9 +71,9 @@ def sample_ddim(
     if not 0 <= eta <= 1:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     for i in range(len(s) - 1):
-        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        x0 = evaluate(denoise, x, sigmas[i], i, callback)
         down, up = ancestral_step(s[i], s[i + 1], eta)
-        x = _first_order(x, x0, s[i], down)
+        x = first_order_step(x, x0, s[i], down)
         if up > 0:
             x = x + randn_like(x, generator) * (up * s_noise)
     return x
@@ -160,7 +118,7 @@ def sample_ddpm(
             if callback is not None:
                 callback(i, sig, x, x0)
         else:
-            x0 = _eval(denoise, x, sigmas[i], i, callback)
+            x0 = evaluate(denoise, x, sigmas[i], i, callback)
         mean = x0 + (s1**2 / s0**2) * (x - x0)
         if s1 == 0:
             x = mean
@@ -212,14 +170,14 @@ def sample_heun(
         s_hat = s[i] * (1 + gamma)
         if gamma > 0:
             x = x + randn_like(x, generator) * (s_noise * math.sqrt(s_hat**2 - s[i] ** 2))
-        d0 = _eval(denoise, x, torch.tensor(s_hat, dtype=torch.float64), i, callback)
-        x_next = _first_order(x, d0, s_hat, s[i + 1])
+        d0 = evaluate(denoise, x, torch.tensor(s_hat, dtype=torch.float64), i, callback)
+        x_next = first_order_step(x, d0, s_hat, s[i + 1])
         if s[i + 1] > 0:
             d1 = denoise(x_next, sigmas[i + 1].to(dtype=x.dtype, device=x.device))
             if form == "sigma":
                 x_next = x + (s[i + 1] - s_hat) * 0.5 * ((x - d0) / s_hat + (x_next - d1) / s[i + 1])
             else:
-                x_next = _first_order(x, 0.5 * (d0 + d1), s_hat, s[i + 1])
+                x_next = first_order_step(x, 0.5 * (d0 + d1), s_hat, s[i + 1])
         x = x_next
     return x
 
@@ -240,13 +198,13 @@ def sample_dpmpp_2m(
     s = check_sigmas(sigmas).tolist()
     prev, h_prev = None, None
     for i in range(len(s) - 1):
-        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        x0 = evaluate(denoise, x, sigmas[i], i, callback)
         if s[i + 1] == 0:
             x = x0
             break
         h = math.log(s[i] / s[i + 1])
         d = x0 if prev is None else x0 + (x0 - prev) * (h / (2 * h_prev))
-        x = _first_order(x, d, s[i], s[i + 1])
+        x = first_order_step(x, d, s[i], s[i + 1])
         prev, h_prev = x0, h
     return x
 
@@ -278,7 +236,7 @@ def sample_dpmpp_3m_sde(
     d1 = d2 = None  # previous denoiser outputs
     h1 = h2 = None  # previous step sizes in lambda
     for i in range(len(s) - 1):
-        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        x0 = evaluate(denoise, x, sigmas[i], i, callback)
         if s[i + 1] == 0:
             x = x0
             break
@@ -316,7 +274,7 @@ def sample_dpmpp_2m_sde(
     s = check_sigmas(sigmas).tolist()
     prev, h_prev = None, None
     for i in range(len(s) - 1):
-        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        x0 = evaluate(denoise, x, sigmas[i], i, callback)
         if s[i + 1] == 0:
             x = x0
             break
@@ -330,112 +288,6 @@ def sample_dpmpp_2m_sde(
             x = x + randn_like(x, generator) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
         prev, h_prev = x0, h
     return x
-
-
-# ---------------------------------------------------------------------------------------------
-# UniPC (Zhao et al. 2023): predictor UniP + corrector UniC, data prediction, in lambda
-# ---------------------------------------------------------------------------------------------
-
-
-def _unipc_coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple[Tensor, Tensor, float, float]:
-    """R (order x order), b (order,), h phi_1 and B(h) of UniPC's Alg. 1-2 (data prediction, hh = -h)."""
-    hh = -h
-    h_phi_1 = math.expm1(hh)
-    h_phi_k = h_phi_1 / hh - 1
-    b_h = hh if variant == "bh1" else math.expm1(hh)
-    r = torch.tensor([*rks, 1.0], dtype=torch.float64)
-    rows, b, factorial = [], [], 1
-    for k in range(1, order + 1):
-        rows.append(r ** (k - 1))
-        b.append(h_phi_k * factorial / b_h)
-        factorial *= k + 1
-        h_phi_k = h_phi_k / hh - 1 / factorial
-    return torch.stack(rows), torch.tensor(b, dtype=torch.float64), h_phi_1, b_h
-
-
-def _unipc_update(
-    x: Tensor,
-    history: list[Tensor],
-    lambdas: list[float],
-    lam_next: float,
-    order: int,
-    variant: str,
-    model_next: Tensor | None = None,
-) -> Tensor:
-    """One UniP step (model_next None) or UniC correction (model_next = D at the predicted point).
-
-    history / lambdas: past denoiser outputs and their lambda, newest last; x is at lambdas[-1].
-    """
-    m0, lam0 = history[-1], lambdas[-1]
-    h = lam_next - lam0
-    rks = [(lambdas[-(k + 1)] - lam0) / h for k in range(1, order)]
-    d1s = [(history[-(k + 1)] - m0) / rk for k, rk in zip(range(1, order), rks, strict=True)]
-    R, b, h_phi_1, b_h = _unipc_coefficients(rks, h, order, variant)
-    x_lin = math.exp(-h) * x - h_phi_1 * m0
-    if model_next is None:
-        if not d1s:
-            return x_lin
-        # UniP of order 2 uses rho = 1/2 (the paper's simplification, as the reference code)
-        rhos = [0.5] if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
-        return x_lin - b_h * sum(r * d for r, d in zip(rhos, d1s, strict=True))
-    rhos = [0.5] if order == 1 else torch.linalg.solve(R, b).tolist()
-    res = sum((r * d for r, d in zip(rhos[:-1], d1s, strict=True)), torch.zeros_like(x))
-    return x_lin - b_h * (res + rhos[-1] * (model_next - m0))
-
-
-def sample_unipc(
-    denoise: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    order: int = 2,
-    variant: Literal["bh1", "bh2"] = "bh2",
-    generator: Generator = None,
-    callback=None,
-) -> Tensor:
-    """UniPC (Zhao et al. 2023, Alg. 1-3): multistep predictor-corrector; N evaluations.
-
-    Each new denoiser output first corrects the point it was evaluated at (UniC, free of extra
-    evaluations), then predicts the next point (UniP). Orders warm up from 1 and fall back to
-    lower orders over the final steps, as the reference implementation does.
-    """
-    if variant not in ("bh1", "bh2"):
-        raise ValueError(f"unknown UniPC variant {variant!r}; allowed: bh1, bh2")
-    if order < 1:
-        raise ValueError(f"UniPC order must be >= 1, got {order}")
-    s = check_sigmas(sigmas).tolist()
-    n = len(s) - 1
-    history: list[Tensor] = []
-    lambdas: list[float] = []
-    x_prev, step_order = None, 1
-    for i in range(n):
-        x0 = _eval(denoise, x, sigmas[i], i, callback)
-        lam = -math.log(s[i])
-        if history:  # correct x_i with the output just computed at it
-            x = _unipc_update(x_prev, history, lambdas, lam, step_order, variant, model_next=x0)
-        history, lambdas = (history + [x0])[-order:], (lambdas + [lam])[-order:]
-        if s[i + 1] == 0:
-            x = x0
-            break
-        step_order = min(order, n - i, len(history))
-        x_prev = x
-        x = _unipc_update(x, history, lambdas, -math.log(s[i + 1]), step_order, variant)
-    return x
-
-
-def sample_unipc_bh1(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
-    """UniPC with B(h) = h (bh1), order 2."""
-    return sample_unipc(denoise, x, sigmas, variant="bh1", callback=callback)
-
-
-def sample_unipc_bh2(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
-    """UniPC with B(h) = e^h - 1 (bh2), order 2."""
-    return sample_unipc(denoise, x, sigmas, variant="bh2", callback=callback)
-
-
-def sample_unipc_3(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
-    """UniPC-bh2 of order 3 (UniP-3 with UniC, 4th-order accurate when it settles)."""
-    return sample_unipc(denoise, x, sigmas, order=3, variant="bh2", callback=callback)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +317,7 @@ def sample_lms(
     s = check_sigmas(sigmas).tolist()
     ds: list[Tensor] = []
     for i in range(len(s) - 1):
-        x0 = _eval(denoise, x, sigmas[i], i, callback)
+        x0 = evaluate(denoise, x, sigmas[i], i, callback)
         ds = ([(x - x0) / s[i]] + ds)[:order]  # newest first: ds[j] is dx/dsigma at s[i - j]
         coefs = lms_coefficients([s[i - j] for j in range(len(ds))], s[i], s[i + 1])
         x = x + sum(c * d for c, d in zip(coefs, ds, strict=True))
@@ -501,13 +353,13 @@ def sample_rk45(
 
     def f(log_sigma: float, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         sig = torch.tensor(math.exp(log_sigma), dtype=torch.float64)
-        x0 = _eval(denoise, y[0], sig, count["i"], callback)
+        x0 = evaluate(denoise, y[0], sig, count["i"], callback)
         count["i"] += 1
         return (y[0] - x0,)
 
     budget = None if max_nfe is None else max_nfe - 1
     (x,), stats = solve_rk45(f, (x,), math.log(s_max), math.log(s_min), rtol=rtol, atol=atol, max_nfe=budget)
-    x = _eval(denoise, x, s[-2], count["i"], callback)
+    x = evaluate(denoise, x, s[-2], count["i"], callback)
     if info is not None:
         info["nfe"] = stats.nfe + 1
         info["steps"] = stats.accepted
