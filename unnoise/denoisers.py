@@ -189,19 +189,7 @@ class DiscreteDenoiser(_VPDenoiser):
         return x0, ((v + 1) / 2).clamp(0, 1).to(x.dtype)
 
 
-def from_discrete(
-    model: Network,
-    schedule: DiscreteSchedule,
-    *,
-    prediction: Prediction = "eps",
-    t_map: TMap = "interp",
-    timestep_offset: int = 0,
-    variance: VarianceOutput = "fixed",
-) -> DiscreteDenoiser:
-    """Wrap a discrete-time VP network ``model(x_t, t)``, t = 1..T, as ``D(x, sigma)``; see DiscreteDenoiser."""
-    return DiscreteDenoiser(
-        model, schedule, prediction=prediction, t_map=t_map, timestep_offset=timestep_offset, variance=variance
-    )
+from_discrete = DiscreteDenoiser  # the function-style name used across the package
 
 
 class ContinuousDenoiser(_VPDenoiser):
@@ -223,9 +211,7 @@ class ContinuousDenoiser(_VPDenoiser):
         return self.schedule.t_from_sigma(sigma)
 
 
-def from_continuous(model: Network, schedule: TimeSchedule, *, prediction: Prediction = "eps") -> ContinuousDenoiser:
-    """Wrap a continuous-time VP network ``model(x_t, t)`` as ``D(x, sigma)``; see ContinuousDenoiser."""
-    return ContinuousDenoiser(model, schedule, prediction=prediction)
+from_continuous = ContinuousDenoiser
 
 
 class EDMCoefficients(NamedTuple):
