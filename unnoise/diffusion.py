@@ -194,7 +194,7 @@ def p_mean_variance(
     """
     if variance not in VARIANCES:
         raise ValueError(f"unknown variance {variance!r}; allowed: {', '.join(VARIANCES)}")
-    idx = t.long() - 1
+    idx = t.long().cpu() - 1  # the tables live on the CPU in float64
     if variance == "learned_range":
         if output.shape[1] != 2 * x_t.shape[1]:
             raise ValueError(f"learned_range needs 2 x {x_t.shape[1]} output channels on dim 1, got {output.shape[1]}")

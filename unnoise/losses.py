@@ -103,7 +103,7 @@ def vlb_term_bpd(
     """L_{t-1} in bits/dim, ``(B,)``: KL to the true posterior for t > 1, decoder NLL for t = 1."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; allowed: {', '.join(DECODERS)}")
-    idx = t.long() - 1
+    idx = t.long().cpu() - 1
     q_mean, q_var = q_posterior(x0, x_t, Posterior(*(c[idx] for c in table.posterior)))
     # beta_tilde_1 = 0: the t = 1 KL is never used, so any finite stand-in avoids log(0).
     q_log_var = torch.where(q_var > 0, q_var, torch.ones_like(q_var)).log().to(x0.dtype)
@@ -236,7 +236,7 @@ def diffusion_loss(
     if x0.shape != noise.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} != data shape {tuple(x0.shape)}")
     check_finite(x0)
-    ab = table.alpha_bar[t.long() - 1].to(x0.dtype)
+    ab = table.alpha_bar[t.long().cpu() - 1].to(x0)
     x_t = q_sample(x0, ab, noise)
     out = model(x_t, t.to(x0.dtype))
     pred = out.chunk(2, dim=1)[0] if variance == "learned_range" else out
