@@ -192,15 +192,15 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _frames(trajectory: list, rows: int = 8, columns: int = 6) -> list:
-    """x_t and the predicted x0 at up to ``columns`` steps, for the first ``rows`` samples."""
+    """x_t (labelled by its sigma) and the predicted x0 at up to ``columns`` steps, first ``rows`` samples."""
     from unnoise.data.images import to_uint8
 
     picks = sorted({round(i * (len(trajectory) - 1) / max(1, columns - 1)) for i in range(columns)})
     frames = []
     for i in picks:
         sigma, x, x0 = trajectory[i]
-        frames.append((f"x s={sigma:.2g}", to_uint8((x[:rows] / max(1.0, sigma)).clamp(-1, 1))))
-        frames.append(("x0 pred", to_uint8(x0[:rows].clamp(-1, 1))))
+        frames.append((f"{sigma:.1g}", to_uint8((x[:rows] / max(1.0, sigma)).clamp(-1, 1))))
+        frames.append(("x0", to_uint8(x0[:rows].clamp(-1, 1))))
     return frames
 
 
