@@ -22,7 +22,7 @@ from unnoise.losses import elbo_terms
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.sampling import sample as run_sampler
 from unnoise.schedules import DiscreteSchedule, make_schedule
-from unnoise.train import TrainConfig, train
+from unnoise.train import TrainConfig, diffusion_objective, train
 
 
 def dataset(cfg: TrainConfig, split: str = "train") -> ImageDataset:
@@ -65,7 +65,7 @@ def train_images(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         net,
         to_model(data.images),
         data.labels,
-        null_label=null,
+        loss_fn=diffusion_objective(cfg, null),
         resume=resume,
         on_sample=on_sample,
         progress=progress,

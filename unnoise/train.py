@@ -1,11 +1,12 @@
-"""The training loop: any dataset of tensors, any network, the discrete-time losses.
+"""The training loop: any dataset of tensors, any network, any objective.
 
-One step: a batch in a fixed per-epoch order, labels dropped to the null class with probability
-``p_uncond`` (for classifier-free guidance), ``diffusion_loss`` at t from the timestep sampler,
-AdamW with linear warm-up, gradient clipping and accumulation, optional bf16 autocast on CPU,
-EMA with warm-up. The data order is a function of (seed, epoch) and every other random draw
-comes from one generator checkpointed with the weights, so ``resume`` continues exactly: a run killed with kill -9
-and resumed ends bit-identical to an uninterrupted one.
+One step: a batch in a fixed per-epoch order, the objective (by default the DDPM family's:
+labels dropped to the null class with probability ``p_uncond`` for classifier-free guidance,
+``diffusion_loss`` at t from the timestep sampler), AdamW with linear warm-up, gradient
+clipping and accumulation, optional bf16 autocast on CPU, EMA with warm-up. The data order is a
+function of (seed, epoch) and every other random draw comes from one generator checkpointed
+with the weights, so ``resume`` continues exactly: a run killed with kill -9 and resumed ends
+bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from unnoise.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from unnoise.diffusion import reverse_table
 from unnoise.losses import LossAwareSampler, UniformSampler, diffusion_loss
 from unnoise.schedules import make_schedule
+
+Forward = Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]  # (net, x_t, t, labels) -> output
+Objective = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]  # (net, x0, labels, g) -> loss
 
 
 @dataclass
@@ -130,23 +134,20 @@ def train(
     x0: Tensor,
     labels: Tensor,
     *,
-    null_label: int | None,
-    forward: Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor] | None = None,
+    loss_fn: Objective,
     resume: bool = False,
     on_sample: Callable[[nn.Module, int], None] | None = None,
     progress: bool = True,
 ) -> nn.Module:
-    """Train ``net`` on ``x0`` (N, ...) in model scale, labels (N,); returns the EMA network.
+    """Train ``net`` on ``x0`` (N, ...) with labels (N,); returns the EMA network.
 
-    ``forward(net, x_t, t, labels)`` calls the network (default ``net(x_t, t, labels)``).
+    ``loss_fn(net, x0_batch, labels_batch, generator)`` is the objective: a scalar to minimise,
+    drawing its randomness (t, noise, label dropout) from ``generator``, whose state is
+    checkpointed. :func:`diffusion_objective` is the DDPM family's; a modality may bring its own.
     Writes RUN/config.json, RUN/log.jsonl and checkpoints every ``save_every`` steps and at the end.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    forward = forward or (lambda m, x, t, y: m(x, t, y))
-    schedule = make_schedule(cfg.schedule, cfg.T)
-    table = reverse_table(schedule)
-    sampler = (LossAwareSampler if cfg.timestep_sampling == "loss_aware" else UniformSampler)(cfg.T)
     g_noise = torch.Generator().manual_seed(cfg.seed + 1)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -169,7 +170,7 @@ def train(
             total = 0.0
             for _ in range(cfg.grad_accum):
                 idx = batches.next(state)
-                loss = _loss(cfg, net, forward, x0[idx], labels[idx], null_label, table, sampler, g_noise)
+                loss = loss_fn(net, x0[idx], labels[idx], g_noise)
                 (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
             if not math.isfinite(total):
@@ -211,27 +212,42 @@ def train(
     return ema
 
 
-def _loss(cfg, net, forward, x0, y, null_label, table, sampler, g_noise) -> Tensor:
-    if null_label is not None and cfg.p_uncond > 0:
-        drop = torch.rand(y.shape, generator=g_noise) < cfg.p_uncond
-        y = torch.where(drop, torch.full_like(y, null_label), y)
-    t, weights = sampler.sample(x0.shape[0], g_noise)
-    noise = torch.randn(x0.shape, generator=g_noise, dtype=x0.dtype)
-    labels = y if null_label is not None else None
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        terms = diffusion_loss(
-            lambda x_t, tt: forward(net, x_t, tt, labels).float(),
-            x0,
-            t,
-            noise,
-            table,
-            prediction=cfg.prediction,
-            variance=cfg.variance,
-            kind="hybrid" if cfg.loss == "hybrid" else "simple",
-            min_snr_gamma=cfg.min_snr_gamma if cfg.loss == "min_snr" else None,
-        )
-    sampler.update(t, terms.loss)
-    return (terms.loss * weights.to(terms.loss)).mean()
+def diffusion_objective(cfg: TrainConfig, null_label: int | None, forward: Forward | None = None) -> Objective:
+    """The DDPM-family objective of ``cfg``: labels dropped to ``null_label`` with probability
+    ``p_uncond``, t from the timestep sampler, ``diffusion_loss`` (simple, hybrid or min-SNR),
+    importance-weighted, under bf16 autocast when asked. ``forward(net, x_t, t, labels)`` calls
+    the network (default ``net(x_t, t, labels)``).
+
+    The loss-aware sampler's history lives in the closure and is not checkpointed: a resumed run
+    with ``timestep_sampling="loss_aware"`` restarts it (uniform until warm again).
+    """
+    forward = forward or (lambda m, x, t, y: m(x, t, y))
+    table = reverse_table(make_schedule(cfg.schedule, cfg.T))
+    sampler = (LossAwareSampler if cfg.timestep_sampling == "loss_aware" else UniformSampler)(cfg.T)
+
+    def objective(net: nn.Module, x0: Tensor, y: Tensor, g_noise: torch.Generator) -> Tensor:
+        if null_label is not None and cfg.p_uncond > 0:
+            drop = torch.rand(y.shape, generator=g_noise) < cfg.p_uncond
+            y = torch.where(drop, torch.full_like(y, null_label), y)
+        t, weights = sampler.sample(x0.shape[0], g_noise)
+        noise = torch.randn(x0.shape, generator=g_noise, dtype=x0.dtype)
+        labels = y if null_label is not None else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            terms = diffusion_loss(
+                lambda x_t, tt: forward(net, x_t, tt, labels).float(),
+                x0,
+                t,
+                noise,
+                table,
+                prediction=cfg.prediction,
+                variance=cfg.variance,
+                kind="hybrid" if cfg.loss == "hybrid" else "simple",
+                min_snr_gamma=cfg.min_snr_gamma if cfg.loss == "min_snr" else None,
+            )
+        sampler.update(t, terms.loss)
+        return (terms.loss * weights.to(terms.loss)).mean()
+
+    return objective
 
 
 def _net_config(net: nn.Module) -> dict:
