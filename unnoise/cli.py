@@ -47,10 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     train = sub.add_parser("train", help="train a model; writes a run folder (config, safetensors weights, log)")
-    train.add_argument("modality", choices=["image"])
-    train.add_argument("--data", default=None, help="digits | fashion-mnist | a folder of PNG/JPEG images")
+    train.add_argument("modality", choices=["image", "text"])
+    train.add_argument(
+        "--data", default=None, help="image: digits | fashion-mnist | a folder; text: tiny | e2e | a text file"
+    )
     train.add_argument("--image-size", type=_positive_int, default=None, help="folders: resize and crop to this")
-    train.add_argument("--model", default=None, help="U-Net size: tiny | small | cifar")
+    train.add_argument("--model", default=None, help="image: tiny | small | cifar; text: tiny | small | base")
     train.add_argument("--steps", type=_positive_int, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None)
     train.add_argument("--lr", type=float, default=None)
@@ -65,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run folder")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
-    sample = sub.add_parser("sample", help="draw samples from a run: FILE.png (grid) and FILE.npz")
+    sample = sub.add_parser("sample", help="draw samples from a run: FILE.png + FILE.npz, or FILE.txt for text")
+    sample.add_argument("modality", nargs="?", choices=["image", "text"], help="optional: must match the run")
     sample.add_argument("--run", type=Path, required=True)
+    sample.add_argument("--template", default=None, help='text: fill the blanks, e.g. "the ___ is near the ___ ."')
     sample.add_argument("--sampler", default="unipc", help=f"one of: {', '.join(SAMPLERS)}")
     sample.add_argument("--nfe", type=_positive_int, default=20, help="denoiser evaluations")
     sample.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="classifier-free guidance scale")
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="--fid: classifier-free guidance")
 
     demo = sub.add_parser("demo", help="train a small model on built-in data; write pictures and figures")
-    demo.add_argument("kind", nargs="?", choices=["toy", "images"], default="toy")
+    demo.add_argument("kind", nargs="?", choices=["toy", "images", "text"], default="toy")
     demo.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("unnoise-demo"), help="output folder")
@@ -108,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from unnoise.imaging import train_images
     from unnoise.train import TrainConfig
 
     settings = _read_settings(args.config) if args.config else {}
@@ -133,7 +136,15 @@ def _train(args: argparse.Namespace) -> None:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown settings {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    train_images(TrainConfig(**settings), args.out, resume=args.resume)
+    if args.modality == "text":
+        from unnoise.language import train_text
+
+        text_defaults = {"data": "tiny", "model": "small", "schedule": "sqrt", "conditional": False, "lr": 5e-4}
+        train_text(TrainConfig(**(text_defaults | settings)), args.out, resume=args.resume)
+    else:
+        from unnoise.imaging import train_images
+
+        train_images(TrainConfig(**settings), args.out, resume=args.resume)
     print(f"trained; run folder: {args.out}")
 
 
@@ -155,12 +166,39 @@ def _read_settings(path: Path) -> dict:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from unnoise.images_io import save_grid, save_npz, save_trajectory
-    from unnoise.imaging import load_run, sample_images
+    from unnoise.checkpoint import load_config
     from unnoise.samplers import SAMPLERS
 
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
+    if args.modality is not None and args.modality != kind:
+        raise ValueError(f"{args.run} is a {kind} run, not {args.modality}")
+    if kind == "text":
+        _sample_text(args)
+    else:
+        _sample_image(args)
+
+
+def _sample_text(args: argparse.Namespace) -> None:
+    from unnoise.language import load_text_run, sample_text, save_sentences
+
+    if args.class_id is not None or args.guidance != 1.0 or args.trajectory or args.eta is not None:
+        raise ValueError("text runs take --template, --n, --sampler, --nfe, --seed; not --class/--guidance/--eta")
+    run = load_text_run(args.run)
+    lines = sample_text(run, n=args.n, sampler=args.sampler, nfe=args.nfe, template=args.template, seed=args.seed)
+    out = args.out if args.out.suffix in (".txt", ".jsonl") else args.out.with_name(args.out.name + ".txt")
+    print(f"wrote {save_sentences(out, lines)}")
+    for line in lines[:5]:
+        print("  ", line)
+
+
+def _sample_image(args: argparse.Namespace) -> None:
+    from unnoise.images_io import save_grid, save_npz, save_trajectory
+    from unnoise.imaging import load_run, sample_images
+
+    if args.template is not None:
+        raise ValueError("--template applies to text runs")
     options = {}
     if args.eta is not None:
         with_eta = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
@@ -219,6 +257,11 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
+    if args.kind == "text":
+        from unnoise.text_demo import run_text_demo
+
+        run_text_demo(args.out, steps=args.steps, seed=args.seed)
+        return
     if args.kind == "images":
         from unnoise.image_demo import run_image_demo
 

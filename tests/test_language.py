@@ -1,0 +1,81 @@
+"""Text end to end on a tiny Diffusion-LM: train, sample, infill, and one-line errors."""
+
+import json
+
+import pytest
+
+from unnoise.cli import main
+from unnoise.language import fluency, load_text_run, parse_template, sample_text
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("text")
+    settings = root / "settings.json"
+    settings.write_text(json.dumps({"T": 100, "log_every": 5, "extra": {"embed_dim": 8}}))
+    args = ["train", "text", "--data", "tiny", "--model", "tiny", "--steps", "10", "--batch-size", "16"]
+    assert main([*args, "--config", str(settings), "--out", str(root / "run")]) == 0
+    return root / "run"
+
+
+def test_sampling_writes_sentences(run, tmp_path, capsys):
+    assert main(["sample", "text", "--run", str(run), "--n", "4", "--nfe", "5", "--out", str(tmp_path / "s")]) == 0
+    lines = (tmp_path / "s.txt").read_text().splitlines()
+    assert len(lines) == 4
+
+
+def test_template_words_are_kept(run):
+    text_run = load_text_run(run)
+    for s in sample_text(text_run, n=3, nfe=5, template="the ___ is near the ___ ."):
+        words = s.split()
+        assert words[0] == "the" and words[2:5] == ["is", "near", "the"] and words[6] == "."
+
+
+def test_template_parsing(run):
+    text_run = load_text_run(run)
+    ids, known = parse_template(text_run, "the ___ is")
+    assert known.tolist()[:4] == [True, False, True, True]  # the, blank, is, <end>
+    assert ids[3].item() == text_run.tokenizer.end_id
+    with pytest.raises(ValueError, match="not in the model's vocabulary: zebra"):
+        parse_template(text_run, "the zebra ___")
+    with pytest.raises(ValueError, match="this model takes at most"):
+        parse_template(text_run, " ".join(["the"] * 100))
+
+
+def test_fluency_scores(run):
+    text_run = load_text_run(run)
+    scores = fluency(text_run, ["the cafe is near the river .", "the pub is open late ."])
+    assert scores["ppl_generated"] > 1 and 0 < scores["distinct2_generated"] <= 1
+
+
+def _one_line_exit_2(argv, capsys, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--template", "the zebra ___"], "zebra"),
+        (["--class", "3"], "text runs take --template"),
+        (["--template", " ".join(["the"] * 80)], "at most"),
+    ],
+)
+def test_bad_text_sampling_input(run, tmp_path, capsys, extra, match):
+    _one_line_exit_2(["sample", "--run", str(run), "--nfe", "2", "--out", str(tmp_path / "s"), *extra], capsys, match)
+
+
+def test_modality_mismatch(run, tmp_path, capsys):
+    _one_line_exit_2(["sample", "image", "--run", str(run), "--out", str(tmp_path / "s")], capsys, "is a text run")
+
+
+def test_bad_text_data(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    argv = ["train", "text", "--data", str(empty), "--steps", "1", "--out", str(tmp_path / "r")]
+    _one_line_exit_2(argv, capsys, "empty.txt")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\xfa caf\xe9\n")
+    _one_line_exit_2([*argv[:3], str(bad), *argv[4:]], capsys, "bad.txt")
+    _one_line_exit_2(["train", "text", "--data", "klingon", "--out", str(tmp_path / "r")], capsys, "allowed: tiny, e2e")
