@@ -59,6 +59,8 @@ def _one_line_exit_2(argv, capsys, match):
     [
         (["--template", "the zebra ___"], "zebra"),
         (["--class", "3"], "text runs take --template"),
+        (["--mr", "food[Chinese]"], "unconditional"),
+        (["--guidance", "2"], "guidance needs a meaning representation"),
         (["--template", " ".join(["the"] * 80)], "at most"),
     ],
 )
@@ -79,3 +81,25 @@ def test_bad_text_data(tmp_path, capsys):
     bad.write_bytes(b"\xff\xfe\xfa caf\xe9\n")
     _one_line_exit_2([*argv[:3], str(bad), *argv[4:]], capsys, "bad.txt")
     _one_line_exit_2(["train", "text", "--data", "klingon", "--out", str(tmp_path / "r")], capsys, "allowed: tiny, e2e")
+
+
+def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
+    """A tiny conditional model on E2E: MR conditions, classifier-free guided sampling, MR errors."""
+    pytest.importorskip("unnoise.data.text")
+    from unnoise.data.text import load_e2e
+
+    try:
+        load_e2e()
+    except FileNotFoundError:
+        pytest.skip("E2E data not available")
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"T": 50, "extra": {"embed_dim": 8, "seq_len": 24}}))
+    args = ["train", "text", "--data", "e2e", "--model", "tiny", "--steps", "3", "--batch-size", "8"]
+    assert main([*args, "--config", str(settings), "--out", str(tmp_path / "run")]) == 0
+    sample = ["sample", "text", "--run", str(tmp_path / "run"), "--n", "3", "--nfe", "3"]
+    mr = "name[Aromi], eatType[coffee shop], food[Chinese], area[city centre]"
+    assert main([*sample, "--mr", mr, "--guidance", "2", "--out", str(tmp_path / "s")]) == 0
+    assert len((tmp_path / "s.txt").read_text().splitlines()) == 3
+    capsys.readouterr()
+    _one_line_exit_2([*sample, "--mr", "food[Martian]", "--out", str(tmp_path / "s")], capsys, "food=Martian")
+    _one_line_exit_2([*sample, "--mr", "colour[red]", "--out", str(tmp_path / "s")], capsys, "colour")

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("modality", nargs="?", choices=["image", "text"], help="optional: must match the run")
     sample.add_argument("--run", type=Path, required=True)
     sample.add_argument("--template", default=None, help='text: fill the blanks, e.g. "the ___ is near the ___ ."')
+    sample.add_argument(
+        "--mr", default=None, help='text: data-to-text from an E2E MR, e.g. "name[Aromi], food[Chinese]"'
+    )
     sample.add_argument("--sampler", default="unipc", help=f"one of: {', '.join(SAMPLERS)}")
     sample.add_argument("--nfe", type=_positive_int, default=20, help="denoiser evaluations")
     sample.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="classifier-free guidance scale")
@@ -139,7 +142,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.modality == "text":
         from unnoise.language import train_text
 
-        text_defaults = {"data": "tiny", "model": "small", "schedule": "sqrt", "conditional": False, "lr": 5e-4}
+        text_defaults = {"data": "tiny", "model": "small", "schedule": "sqrt", "lr": 5e-4}
         train_text(TrainConfig(**(text_defaults | settings)), args.out, resume=args.resume)
     else:
         from unnoise.imaging import train_images
@@ -183,10 +186,21 @@ def _sample(args: argparse.Namespace) -> None:
 def _sample_text(args: argparse.Namespace) -> None:
     from unnoise.language import load_text_run, sample_text, save_sentences
 
-    if args.class_id is not None or args.guidance != 1.0 or args.trajectory or args.eta is not None:
-        raise ValueError("text runs take --template, --n, --sampler, --nfe, --seed; not --class/--guidance/--eta")
+    if args.class_id is not None or args.trajectory or args.eta is not None:
+        raise ValueError(
+            "text runs take --template, --mr, --guidance, --n, --sampler, --nfe, --seed; not --class/--eta"
+        )
     run = load_text_run(args.run)
-    lines = sample_text(run, n=args.n, sampler=args.sampler, nfe=args.nfe, template=args.template, seed=args.seed)
+    lines = sample_text(
+        run,
+        n=args.n,
+        sampler=args.sampler,
+        nfe=args.nfe,
+        template=args.template,
+        mr=args.mr,
+        guidance=args.guidance,
+        seed=args.seed,
+    )
     out = args.out if args.out.suffix in (".txt", ".jsonl") else args.out.with_name(args.out.name + ".txt")
     print(f"wrote {save_sentences(out, lines)}")
     for line in lines[:5]:
@@ -197,8 +211,8 @@ def _sample_image(args: argparse.Namespace) -> None:
     from unnoise.images_io import save_grid, save_npz, save_trajectory
     from unnoise.imaging import load_run, sample_images
 
-    if args.template is not None:
-        raise ValueError("--template applies to text runs")
+    if args.template is not None or args.mr is not None:
+        raise ValueError("--template and --mr apply to text runs")
     options = {}
     if args.eta is not None:
         with_eta = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")

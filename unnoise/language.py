@@ -17,7 +17,17 @@ import torch
 from torch import Tensor, nn
 
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
-from unnoise.data.text import TINY_CORPUS, Tokenizer, load_e2e, load_lines, split_by_mr, tokenize
+from unnoise.data.text import (
+    E2E_ATTRIBUTES,
+    TINY_CORPUS,
+    Tokenizer,
+    load_e2e,
+    load_lines,
+    parse_mr,
+    split_by_mr,
+    tokenize,
+)
+from unnoise.guidance import classifier_free
 from unnoise.nets.transformer import TextTransformer, TransformerConfig
 from unnoise.sampling import sample as run_sampler
 from unnoise.schedules import DiscreteSchedule, make_schedule
@@ -36,52 +46,96 @@ class DiffusionLM(nn.Module):
         self.embedding = WordEmbedding(vocab_size, config.embed_dim)
 
 
-def sentences(cfg: TrainConfig, split: str = "train") -> list[str]:
-    """The run's sentences: "tiny" (built in), "e2e" (split by meaning representation) or a file."""
+def text_data(cfg: TrainConfig, split: str = "train") -> tuple[list[str], list[dict[str, str]] | None]:
+    """The run's sentences, with their meaning representations where the data has them (E2E).
+
+    "tiny" (built in) and text files are split 90/10 in order; E2E is split by meaning
+    representation (``split_by_mr``), so no MR is in both parts.
+    """
+    if cfg.data == "e2e":
+        train_pairs, held_out = split_by_mr(load_e2e(), held_out=0.1, seed=0)
+        pairs = train_pairs if split == "train" else held_out
+        return [s for _, s in pairs], [mr for mr, _ in pairs]
     if cfg.data == "tiny":
         data = list(TINY_CORPUS)
-    elif cfg.data == "e2e":
-        train_pairs, held_out = split_by_mr(load_e2e(), held_out=0.1, seed=0)
-        return [s for _, s in (train_pairs if split == "train" else held_out)]
     elif Path(cfg.data).is_file():
         data = load_lines(cfg.data)
     else:
         raise ValueError(f"unknown text data {cfg.data!r}; allowed: tiny, e2e, or a text file (one sentence a line)")
     cut = max(1, int(0.9 * len(data))) if len(data) > 1 else 1
-    return data[:cut] if split == "train" else data[cut:] or data[-1:]
+    return (data[:cut] if split == "train" else data[cut:] or data[-1:]), None
+
+
+def sentences(cfg: TrainConfig, split: str = "train") -> list[str]:
+    return text_data(cfg, split)[0]
+
+
+def mr_tokens(mr: dict[str, str]) -> list[str]:
+    """A meaning representation as condition tokens "attribute=value", in E2E's attribute order."""
+    return [f"{k}={mr[k]}" for k in E2E_ATTRIBUTES if k in mr]
+
+
+def encode_mrs(mrs: list[dict[str, str]], vocab: list[str]) -> Tensor:
+    """MRs -> condition ids (N, 8): 1 + index in ``vocab`` per item, 0 padding (0 everywhere: the null MR)."""
+    index = {tok: i + 1 for i, tok in enumerate(vocab)}
+    rows = []
+    for mr in mrs:
+        toks = mr_tokens(mr)
+        unknown = [t for t in toks if t not in index]
+        if unknown:
+            raise ValueError(f"meaning-representation items unknown to this model: {', '.join(unknown[:4])}")
+        ids = [index[t] for t in toks]
+        rows.append(ids + [0] * (len(E2E_ATTRIBUTES) - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def objective(cfg: TrainConfig, schedule: DiscreteSchedule) -> Objective:
-    """Diffusion-LM's loss (L_simple on embeddings + embedding term + rounding) at uniform t."""
+    """Diffusion-LM's loss (L_simple on embeddings + embedding term + rounding) at uniform t.
 
-    def loss(model: DiffusionLM, ids: Tensor, _labels: Tensor, g: torch.Generator) -> Tensor:
+    With conditions (N, 8), each sample's whole MR is dropped to the null MR (all 0) with
+    probability ``p_uncond``, for classifier-free guidance.
+    """
+
+    def loss(model: DiffusionLM, ids: Tensor, cond: Tensor, g: torch.Generator) -> Tensor:
         t = torch.randint(1, schedule.T + 1, (ids.shape[0],), generator=g)
         noise = torch.randn((*ids.shape, model.embedding.dim), generator=g)
-        return diffusion_lm_loss(model.net, model.embedding, ids, schedule, t, noise).loss.mean()
+        c = None
+        if cond.ndim == 2:
+            keep = (torch.rand(cond.shape[0], generator=g) >= cfg.p_uncond).long()[:, None]
+            c = cond * keep
+        return diffusion_lm_loss(model.net, model.embedding, ids, schedule, t, noise, c).loss.mean()
 
     return loss
 
 
 def train_text(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> DiffusionLM:
-    """Train on ``cfg.data``; the tokenizer and network sizes are saved in the run's config.json."""
+    """Train on ``cfg.data``; tokenizer, MR vocabulary and network sizes go into the run's config.json."""
     torch.manual_seed(cfg.seed)
-    text = sentences(cfg, "train")
+    text, mrs = text_data(cfg, "train")
     tokenizer = Tokenizer.build(text)
     seq_len = int(cfg.extra.get("seq_len", 2 + max(len(tokenize(s)) for s in text)))
-    config = TransformerConfig.preset(cfg.model, seq_len, int(cfg.extra.get("embed_dim", 16)))
+    conditional = cfg.conditional and mrs is not None
+    cond_vocab = sorted({tok for mr in mrs for tok in mr_tokens(mr)}) if conditional else []
+    config = TransformerConfig.preset(
+        cfg.model,
+        seq_len,
+        int(cfg.extra.get("embed_dim", 16)),
+        cond_vocab=len(cond_vocab) + 1 if conditional else None,
+        cond_len=len(E2E_ATTRIBUTES) if conditional else 0,
+    )
     config = dataclasses.replace(config, **cfg.extra.get("net", {}))  # e.g. {"width": 128, "depth": 6}
     cfg.extra |= {
         "modality": "text",
         "tokenizer": tokenizer.to_json(),
         "transformer": dataclasses.asdict(config),
         "seq_len": seq_len,
+        "mr_vocab": cond_vocab,
     }
     model = DiffusionLM(config, tokenizer.vocab_size)
     ids = tokenizer.encode_batch(text, seq_len)
+    cond = encode_mrs(mrs, cond_vocab) if conditional else torch.full((len(ids),), -1)
     loss_fn = objective(cfg, make_schedule(cfg.schedule, cfg.T))
-    return train(
-        cfg, run_dir, model, ids, torch.full((len(ids),), -1), loss_fn=loss_fn, resume=resume, progress=progress
-    )
+    return train(cfg, run_dir, model, ids, cond, loss_fn=loss_fn, resume=resume, progress=progress)
 
 
 @dataclass
@@ -132,6 +186,24 @@ def parse_template(run: TextRun, template: str) -> tuple[Tensor, Tensor]:
     return ids, known
 
 
+def _denoiser(run: TextRun, n: int, mr: str | None, guidance: float):
+    vocab = run.cfg.extra.get("mr_vocab") or []
+    if mr is None:
+        if guidance != 1.0:
+            raise ValueError("guidance needs a meaning representation (--mr)")
+        return text_denoiser(run.model.net, run.schedule, None)
+    if not vocab:
+        raise ValueError("this text model is unconditional: --mr needs a model trained on E2E meaning representations")
+    cond = encode_mrs([parse_mr(mr)], vocab).expand(n, -1)
+    if guidance == 1.0:
+        return text_denoiser(run.model.net, run.schedule, cond)
+
+    def conditional(x: Tensor, sigma: Tensor, c: Tensor) -> Tensor:
+        return text_denoiser(run.model.net, run.schedule, c)(x, sigma)
+
+    return classifier_free(conditional, cond, torch.zeros_like(cond), guidance)
+
+
 @torch.no_grad()
 def sample_text(
     run: TextRun,
@@ -140,15 +212,19 @@ def sample_text(
     sampler: str = "dpmpp_2m",
     nfe: int = 50,
     template: str | None = None,
+    mr: str | None = None,
+    guidance: float = 1.0,
     clamp: bool = True,
     seed: int = 0,
 ) -> list[str]:
-    """``n`` sentences; with a template, its blanks (``___``) filled in and its words kept."""
+    """``n`` sentences; with a template, its blanks (``___``) filled in and its words kept; with a
+    meaning representation (E2E syntax, ``"name[Alimentum], food[Chinese]"``), data-to-text,
+    classifier-free guided with scale ``guidance`` (1: plain conditional)."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     E, L = run.model.embedding.dim, run.seq_len
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
     x = torch.stack([torch.randn(L, E, generator=g) for g in generators]) * s_max
-    D = text_denoiser(run.model.net, run.schedule)
+    D = _denoiser(run, n, mr, guidance)
     if clamp:
         D = clamping(D, run.model.embedding)
     if template is not None:
