@@ -47,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     train = sub.add_parser("train", help="train a model; writes a run folder (config, safetensors weights, log)")
-    train.add_argument("modality", choices=["image", "text"])
+    train.add_argument("modality", choices=["image", "text", "audio"])
     train.add_argument(
-        "--data", default=None, help="image: digits | fashion-mnist | a folder; text: tiny | e2e | a text file"
+        "--data",
+        default=None,
+        help="image: digits | fashion-mnist | a folder; text: tiny | e2e | a file; audio: spoken-digits | a folder",
     )
     train.add_argument("--image-size", type=_positive_int, default=None, help="folders: resize and crop to this")
     train.add_argument("--model", default=None, help="image: tiny | small | cifar; text: tiny | small | base")
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
     sample = sub.add_parser("sample", help="draw samples from a run: FILE.png + FILE.npz, or FILE.txt for text")
-    sample.add_argument("modality", nargs="?", choices=["image", "text"], help="optional: must match the run")
+    sample.add_argument("modality", nargs="?", choices=["image", "text", "audio"], help="optional: must match the run")
     sample.add_argument("--run", type=Path, required=True)
     sample.add_argument("--template", default=None, help='text: fill the blanks, e.g. "the ___ is near the ___ ."')
     sample.add_argument(
@@ -139,7 +141,12 @@ def _train(args: argparse.Namespace) -> None:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown settings {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-    if args.modality == "text":
+    if args.modality == "audio":
+        from unnoise.audio import train_audio
+
+        audio_defaults = {"data": "spoken-digits", "model": "small", "schedule": "linear"}
+        train_audio(TrainConfig(**(audio_defaults | settings)), args.out, resume=args.resume)
+    elif args.modality == "text":
         from unnoise.language import train_text
 
         text_defaults = {"data": "tiny", "model": "small", "schedule": "sqrt", "lr": 5e-4}
@@ -179,8 +186,33 @@ def _sample(args: argparse.Namespace) -> None:
         raise ValueError(f"{args.run} is a {kind} run, not {args.modality}")
     if kind == "text":
         _sample_text(args)
+    elif kind == "audio":
+        _sample_audio(args)
     else:
         _sample_image(args)
+
+
+def _sample_audio(args: argparse.Namespace) -> None:
+    from unnoise.audio import load_audio_run, sample_audio
+    from unnoise.audio_io import save_spectrogram_grid, save_wav
+
+    if args.template is not None or args.mr is not None or args.trajectory or args.eta is not None:
+        raise ValueError("audio runs take --class, --guidance, --n, --sampler, --nfe, --seed")
+    run = load_audio_run(args.run)
+    waves, labels = sample_audio(
+        run,
+        n=args.n,
+        sampler=args.sampler,
+        nfe=args.nfe,
+        guidance=args.guidance,
+        class_id=args.class_id,
+        seed=args.seed,
+    )
+    out = args.out.with_suffix("") if args.out.suffix in (".png", ".wav") else args.out
+    for i, (wave, label) in enumerate(zip(waves, labels.tolist(), strict=True)):
+        save_wav(out.with_name(f"{out.name}_{i:03d}_class{label}.wav"), wave, run.sample_rate)
+    png = save_spectrogram_grid(out.with_name(out.name + ".png"), waves, run.sample_rate)
+    print(f"wrote {len(waves)} WAV files {out.name}_*.wav and {png}")
 
 
 def _sample_text(args: argparse.Namespace) -> None:
