@@ -29,6 +29,7 @@ import torch
 import unnoise
 from unnoise.data.toy import GaussianMixture, ring_mixture
 from unnoise.interop import run_scheduler
+from unnoise.metrics import frechet_distance
 from unnoise.samplers import SAMPLERS
 from unnoise.sampling import DEFAULT_GRIDS
 
@@ -82,11 +83,11 @@ def metrics(mix: GaussianMixture, out: torch.Tensor, ref: torch.Tensor) -> dict[
     per_sample = err.pow(2).mean(1).sqrt()
     mean, cov = out.mean(0), torch.cov(out.T).reshape(mix.dim, mix.dim)
     true_mean, true_cov = mix.weights @ mix.means, mix.covariance()
-    fd = (mean - true_mean).pow(2).sum() + _trace_sqrt_term(cov, true_cov)
+    fd = frechet_distance(mean.numpy(), cov.numpy(), true_mean.numpy(), true_cov.numpy())
     return {
         "rms": err.pow(2).mean().sqrt().item(),
         "median": per_sample.median().item(),
-        "fd": fd.item(),
+        "fd": fd,
         "modes": 0.5 * (_shares(mix, out) - _true_shares(mix)).abs().sum().item(),
     }
 
@@ -106,14 +107,6 @@ def _true_shares(mix: GaussianMixture) -> torch.Tensor:
     if key not in _TRUTH:
         _TRUTH[key] = _shares(mix, mix.sample(200_000, torch.Generator().manual_seed(99))[0])
     return _TRUTH[key]
-
-
-def _trace_sqrt_term(c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
-    """tr(C1 + C2 - 2 (C1^1/2 C2 C1^1/2)^1/2) of the Frechet distance."""
-    w, v = torch.linalg.eigh(c1)
-    s1 = v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    m = torch.linalg.eigvalsh(s1 @ c2 @ s1).clamp(min=0).sqrt().sum()
-    return torch.trace(c1) + torch.trace(c2) - 2 * m
 
 
 def run_ours(name: str, mix, x, nfe: int, sched) -> torch.Tensor:

@@ -17,3 +17,10 @@ def gaussian_eps_model(schedule, mu: float, s: float):
         return (x_t - a * x0_hat) / b2.sqrt()
 
     return model
+
+
+def one_line_exit_2(main, argv, capsys, match: str) -> None:
+    """The CLI's contract for bad input: exit status 2 and one line on stderr naming the problem."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0], err

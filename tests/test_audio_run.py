@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+from conftest import one_line_exit_2
 
 from unnoise.cli import main
 
@@ -37,9 +38,9 @@ def test_sample_writes_wavs_and_spectrograms(run, tmp_path):
     [(["--class", "10"], "unknown class 10; allowed: 0..9"), (["--template", "x ___"], "audio runs take --class")],
 )
 def test_bad_audio_sampling_input(run, tmp_path, capsys, extra, match):
-    assert main(["sample", "--run", str(run), "--nfe", "2", "--out", str(tmp_path / "s"), *extra]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0]
+    one_line_exit_2(
+        main, ["sample", "--run", str(run), "--nfe", "2", "--out", str(tmp_path / "s"), *extra], capsys, match
+    )
 
 
 def test_unknown_audio_data(tmp_path, capsys):

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import one_line_exit_2
 from PIL import Image
 
 from unnoise.cli import main
@@ -41,9 +42,7 @@ def test_eval_bpd(run, capsys):
 
 
 def _one_line_exit_2(argv, capsys, match):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
+    one_line_exit_2(main, argv, capsys, match)
 
 
 @pytest.mark.parametrize(

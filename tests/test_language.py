@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import one_line_exit_2
 
 from unnoise.cli import main
 from unnoise.language import fluency, load_text_run, parse_template, sample_text
@@ -49,9 +50,7 @@ def test_fluency_scores(run):
 
 
 def _one_line_exit_2(argv, capsys, match):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and match in err[0], err
+    one_line_exit_2(main, argv, capsys, match)
 
 
 @pytest.mark.parametrize(

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.audio import AudioDataset, load_wav_folder, make_spoken_digits
-from unnoise.denoisers import clipped, from_discrete
-from unnoise.guidance import classifier_free
+from unnoise.denoisers import clipped, labelled
+from unnoise.guidance import conditioned
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
 from unnoise.sampling import sample as run_sampler
 from unnoise.schedules import DiscreteSchedule, make_schedule
@@ -109,14 +109,8 @@ def sample_audio(
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
     x = torch.stack([torch.randn(1, run.samples, generator=g) for g in generators]) * s_max
 
-    def conditional(x: Tensor, sigma: Tensor, y: Tensor | None) -> Tensor:
-        return from_discrete(lambda x_t, t: run.net(x_t, t, y), run.schedule, prediction=run.cfg.prediction)(x, sigma)
-
-    if k is None:
-        D = lambda x, sigma: conditional(x, sigma, None)  # noqa: E731
-    elif guidance == 1.0:
-        D = lambda x, sigma: conditional(x, sigma, labels)  # noqa: E731
-    else:
-        D = classifier_free(conditional, labels, torch.tensor(k), guidance)
+    conditional = labelled(run.net, run.schedule, prediction=run.cfg.prediction)
+    null = None if k is None else torch.tensor(k)
+    D = conditioned(conditional, None if k is None else labels, null, guidance)
     out = run_sampler(clipped(D), x, sampler=sampler, nfe=nfe, sigma_max=s_max, sigma_min=s_min, generator=generators)
     return out[:, 0].clamp(-1, 1), labels if k is not None else torch.full((n,), -1)

@@ -301,3 +301,13 @@ def clipped(denoise: Denoiser, low: float = -1.0, high: float = 1.0) -> Denoiser
         return denoise(x, sigma).clamp(low, high)
 
     return clip
+
+
+def labelled(net: Callable[..., Tensor], schedule: DiscreteSchedule, *, prediction: Prediction = "eps"):
+    """A discrete-time network ``net(x_t, t, labels)`` as a conditional denoiser ``D(x, sigma, labels)``,
+    the form :func:`unnoise.guidance.classifier_free` takes; labels pass through unchanged."""
+
+    def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
+        return from_discrete(lambda x_t, t: net(x_t, t, labels), schedule, prediction=prediction)(x, sigma)
+
+    return denoise

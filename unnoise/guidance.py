@@ -99,6 +99,13 @@ def classifier_free(
     return guided
 
 
+def conditioned(denoise_cond: ConditionalDenoiser, labels: Tensor, null: Tensor, scale: float = 1.0) -> Denoiser:
+    """``denoise_cond`` at fixed ``labels``; classifier-free guided (:func:`classifier_free`) when scale != 1."""
+    if scale == 1.0:
+        return lambda x, sigma: denoise_cond(x, sigma, labels)
+    return classifier_free(denoise_cond, labels, null, scale)
+
+
 def classifier_guidance(denoise: Denoiser, log_prob: LogProb, scale: float) -> Denoiser:
     """Classifier guidance, score + s grad log p(y | x_sigma) (Dhariwal and Nichol 2021, Alg. 1).
 

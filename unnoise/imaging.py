@@ -16,8 +16,8 @@ from torch import Tensor
 
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.images import ImageDataset, load_images, to_model, to_uint8
-from unnoise.denoisers import clipped, from_discrete
-from unnoise.guidance import classifier_free
+from unnoise.denoisers import clipped, labelled
+from unnoise.guidance import conditioned
 from unnoise.losses import elbo_terms
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.sampling import sample as run_sampler
@@ -102,17 +102,12 @@ def load_run(run_dir: str | Path, which: str = "ema") -> ImageRun:
 def denoiser(run: ImageRun, labels: Tensor | None, guidance: float = 1.0):
     """D(x, sigma) of the run; with labels and guidance != 1, classifier-free guided."""
     null = run.net.config.num_classes
-
-    def conditional(x: Tensor, sigma: Tensor, y: Tensor) -> Tensor:
-        return from_discrete(lambda x_t, t: run.net(x_t, t, y), run.schedule, prediction=run.cfg.prediction)(x, sigma)
-
+    conditional = labelled(run.net, run.schedule, prediction=run.cfg.prediction)
     if labels is None:
         return lambda x, sigma: conditional(x, sigma, None if null is None else torch.full((x.shape[0],), null))
     if null is None:
         raise ValueError("this model is unconditional: it takes no class (train with --conditional)")
-    if guidance == 1.0:
-        return lambda x, sigma: conditional(x, sigma, labels)
-    return classifier_free(conditional, labels, torch.tensor(null), guidance)
+    return conditioned(conditional, labels, torch.tensor(null), guidance)
 
 
 @torch.no_grad()

@@ -8,12 +8,11 @@ so differences come from the schedulers alone. Optional dependency: ``pip instal
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
+from unnoise.sampler_core import Denoiser
 
 
 def set_timesteps_float64(scheduler, n: int) -> None:

@@ -27,7 +27,8 @@ from unnoise.data.text import (
     split_by_mr,
     tokenize,
 )
-from unnoise.guidance import classifier_free
+from unnoise.denoisers import labelled
+from unnoise.guidance import conditioned
 from unnoise.nets.transformer import TextTransformer, TransformerConfig
 from unnoise.sampling import sample as run_sampler
 from unnoise.schedules import DiscreteSchedule, make_schedule
@@ -195,13 +196,8 @@ def _denoiser(run: TextRun, n: int, mr: str | None, guidance: float):
     if not vocab:
         raise ValueError("this text model is unconditional: --mr needs a model trained on E2E meaning representations")
     cond = encode_mrs([parse_mr(mr)], vocab).expand(n, -1)
-    if guidance == 1.0:
-        return text_denoiser(run.model.net, run.schedule, cond)
-
-    def conditional(x: Tensor, sigma: Tensor, c: Tensor) -> Tensor:
-        return text_denoiser(run.model.net, run.schedule, c)(x, sigma)
-
-    return classifier_free(conditional, cond, torch.zeros_like(cond), guidance)
+    conditional = labelled(run.model.net, run.schedule, prediction="x0")
+    return conditioned(conditional, cond, torch.zeros_like(cond), guidance)
 
 
 @torch.no_grad()
