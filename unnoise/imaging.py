@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,18 @@ def build_net(cfg: TrainConfig, data: ImageDataset) -> UNet:
     return UNet(config)
 
 
-def train_images(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> UNet:
-    """Train on ``cfg.data``; returns the EMA network. Sample grids go to RUN/samples/."""
+def train_images(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop: Callable[[int], bool] | None = None,
+) -> UNet:
+    """Train on ``cfg.data``; returns the EMA network. Sample grids go to RUN/samples/.
+
+    ``stop(step)`` may end training early (see :func:`unnoise.train.train`).
+    """
     torch.manual_seed(cfg.seed)
     data = dataset(cfg, "train")
     cfg.extra["class_names"] = list(data.class_names)
@@ -69,6 +80,7 @@ def train_images(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False,
         resume=resume,
         on_sample=on_sample,
         progress=progress,
+        stop=stop,
     )
 
 

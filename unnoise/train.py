@@ -138,6 +138,7 @@ def train(
     resume: bool = False,
     on_sample: Callable[[nn.Module, int], None] | None = None,
     progress: bool = True,
+    stop: Callable[[int], bool] | None = None,
 ) -> nn.Module:
     """Train ``net`` on ``x0`` (N, ...) with labels (N,); returns the EMA network.
 
@@ -145,6 +146,8 @@ def train(
     drawing its randomness (t, noise, label dropout) from ``generator``, whose state is
     checkpointed. :func:`diffusion_objective` is the DDPM family's; a modality may bring its own.
     Writes RUN/config.json, RUN/log.jsonl and checkpoints every ``save_every`` steps and at the end.
+    ``stop(step)``, asked after every step, ends training early (a time budget); the step it
+    ends on is checkpointed like the last.
     """
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -180,7 +183,8 @@ def train(
             update_ema(ema, net, ema_decay(cfg, state.step))
             state.step += 1
             window.append(total)
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            stopping = stop is not None and stop(state.step)
+            if state.step % cfg.log_every == 0 or state.step == cfg.steps or stopping:
                 elapsed = time.perf_counter() - t_start
                 rate = len(window) * cfg.batch_size * cfg.grad_accum / max(elapsed, 1e-9)
                 record = {"step": state.step, "loss": sum(window) / len(window), "lr": learning_rate(cfg, state.step)}
@@ -192,7 +196,7 @@ def train(
                 window, t_start = [], time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
                 save_checkpoint(
                     run,
                     state.step,
@@ -205,6 +209,8 @@ def train(
                 )
                 if on_sample is not None:
                     on_sample(ema, state.step)
+            if stopping:
+                break
     finally:
         log.close()
         if bar is not None:

