@@ -8,12 +8,15 @@ and the samplers stay generic.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from unnoise import distributed
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.audio import AudioDataset, load_wav_folder, make_spoken_digits
 from unnoise.denoisers import clipped, labelled
@@ -32,8 +35,13 @@ def audio_dataset(cfg: TrainConfig, split: str = "train") -> AudioDataset:
     rate, seconds = int(cfg.extra.get("sample_rate", 8000)), float(cfg.extra.get("seconds", 1.0))
     if cfg.data == "spoken-digits":
         folder = Path(cfg.extra.get("cache", Path.home() / ".cache" / "unnoise" / "spoken-digits"))
-        if not any(folder.glob("*/*.wav")):
-            make_spoken_digits(folder)
+        if distributed.current().main and not any(folder.glob("*/*.wav")):
+            # Built beside, then renamed: an interrupted build never looks complete.
+            partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+            make_spoken_digits(partial)
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
+        distributed.barrier()  # the other processes of a torchrun group wait for rank 0's build
     elif Path(cfg.data).is_dir():
         folder = Path(cfg.data)
     else:

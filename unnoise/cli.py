@@ -34,6 +34,11 @@ def _nonnegative_float(s: str) -> float:
     return v
 
 
+# torchrun's own parser reads --run and --n as abbreviations of its flags (--run-path, --nnodes...),
+# so under torchrun they are spelled --run-dir and --count.
+_RUN_HELP = "run folder (alias --run-dir, the spelling torchrun lets through)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit status 2
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -71,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = sub.add_parser("sample", help="draw samples from a run: FILE.png + FILE.npz, or FILE.txt for text")
     sample.add_argument("modality", nargs="?", choices=["image", "text", "audio"], help="optional: must match the run")
-    sample.add_argument("--run", type=Path, required=True)
+    sample.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help=_RUN_HELP)
     sample.add_argument("--template", default=None, help='text: fill the blanks, e.g. "the ___ is near the ___ ."')
     sample.add_argument(
         "--mr", default=None, help='text: data-to-text from an E2E MR, e.g. "name[Aromi], food[Chinese]"'
@@ -82,14 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--class", dest="class_id", type=int, default=None, help="class id (conditional runs)")
     sample.add_argument("--eta", type=_nonnegative_float, default=None, help="stochasticity (ddim, *_ancestral, *_sde)")
     sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--n", type=_positive_int, default=64)
+    sample.add_argument("--n", "--count", dest="n", type=_positive_int, default=64, help="how many (alias --count)")
     sample.add_argument("--out", type=Path, required=True, help="FILE: writes FILE.png and FILE.npz")
     sample.add_argument("--trajectory", type=Path, default=None, help="also write x_t and predicted x0 per step")
 
     ev = sub.add_parser("eval", help="evaluate a run")
-    ev.add_argument("--run", type=Path, required=True)
+    ev.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help=_RUN_HELP)
     ev.add_argument("--bpd", action="store_true", help="test-set negative ELBO in bits/dim")
-    ev.add_argument("--n", type=_positive_int, default=None, help="--bpd: only the first N test images")
+    ev.add_argument(
+        "--n", "--count", dest="n", type=_positive_int, default=None, help="--bpd: only the first N test images"
+    )
     ev.add_argument("--fid", type=_positive_int, default=None, metavar="N", help="FID of N samples vs the test split")
     ev.add_argument("--sampler", default="unipc", help="--fid: the sampler")
     ev.add_argument("--nfe", type=_positive_int, default=20, help="--fid: denoiser evaluations per sample")
@@ -105,15 +112,50 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from unnoise import distributed
+
+    # Under torchrun, train/sample/eval join the process group; rank 0 prints and writes.
+    shard = distributed.init() if args.command in ("train", "sample", "eval") else distributed.Shard()
+    if shard.world > 1:
+        distributed.stop_on_sigterm()
     try:
         {"train": _train, "sample": _sample, "eval": _eval, "demo": _demo}[args.command](args)
     except (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
-        print(f"unnoise {args.command}: error: {e}", file=sys.stderr)
+        if shard.main:  # every rank meets the same bad input: one line
+            print(f"unnoise {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except distributed.GROUP_FAILURES as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(
+            f"unnoise {args.command}: error: rank {shard.rank} of {shard.world}: {reason}: another process of "
+            f"the group failed (the launcher's report names it){_resume_hint(args)}",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(f"unnoise {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.close()
     return 0
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    if args.command != "train":
+        return ""
+    from unnoise.checkpoint import latest_checkpoint
+
+    step = latest_checkpoint(args.out) if args.out.is_dir() else None
+    where = f"its checkpoint {step.name}" if step is not None else "the start"
+    return f"; rerun with --resume to continue from {where}"
+
+
+def _say(*lines: str) -> None:
+    """Print on rank 0 only (every process of a torchrun group runs the same command)."""
+    from unnoise import distributed
+
+    if distributed.current().main:
+        print(*lines, sep="\n")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -155,7 +197,7 @@ def _train(args: argparse.Namespace) -> None:
         from unnoise.imaging import train_images
 
         train_images(TrainConfig(**settings), args.out, resume=args.resume)
-    print(f"trained; run folder: {args.out}")
+    _say(f"trained; run folder: {args.out}")
 
 
 def _read_settings(path: Path) -> dict:
@@ -176,6 +218,7 @@ def _read_settings(path: Path) -> dict:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    from unnoise import distributed
     from unnoise.checkpoint import load_config
     from unnoise.samplers import SAMPLERS
 
@@ -184,6 +227,8 @@ def _sample(args: argparse.Namespace) -> None:
     kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
     if args.modality is not None and args.modality != kind:
         raise ValueError(f"{args.run} is a {kind} run, not {args.modality}")
+    if kind != "image" and not distributed.current().main:
+        return  # text and audio sampling is not sharded: rank 0 draws and writes
     if kind == "text":
         _sample_text(args)
     elif kind == "audio":
@@ -240,8 +285,9 @@ def _sample_text(args: argparse.Namespace) -> None:
 
 
 def _sample_image(args: argparse.Namespace) -> None:
+    from unnoise import distributed
     from unnoise.images_io import save_grid, save_npz, save_trajectory
-    from unnoise.imaging import load_run, sample_images
+    from unnoise.imaging import load_run, sample_images_sharded
 
     if args.template is not None or args.mr is not None:
         raise ValueError("--template and --mr apply to text runs")
@@ -253,7 +299,7 @@ def _sample_image(args: argparse.Namespace) -> None:
         options["eta"] = args.eta
     run = load_run(args.run)
     trajectory = [] if args.trajectory else None
-    images, labels = sample_images(
+    images, labels = sample_images_sharded(
         run,
         n=args.n,
         sampler=args.sampler,
@@ -264,6 +310,8 @@ def _sample_image(args: argparse.Namespace) -> None:
         trajectory=trajectory,
         **options,
     )
+    if not distributed.current().main:
+        return
     out = args.out.with_suffix("") if args.out.suffix in (".png", ".npz") else args.out
     k = run.net.config.num_classes
     nrow = min(args.n, k) if k and args.class_id is None else None
@@ -296,10 +344,10 @@ def _eval(args: argparse.Namespace) -> None:
     run = load_run(args.run)
     if args.bpd:
         bpd, se = eval_bpd(run, n=args.n)
-        print(f"test negative ELBO: {bpd:.4f} +- {se:.4f} bits/dim")
+        _say(f"test negative ELBO: {bpd:.4f} +- {se:.4f} bits/dim")
     if args.fid:
         score = eval_fid(run, n=args.fid, sampler=args.sampler, nfe=args.nfe, guidance=args.guidance)
-        print(f"FID@{args.fid} vs the test split ({args.sampler}, {args.nfe} NFE): {score:.2f}")
+        _say(f"FID@{args.fid} vs the test split ({args.sampler}, {args.nfe} NFE): {score:.2f}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.images import ImageDataset, load_images, to_model, to_uint8
 from unnoise.denoisers import clipped, labelled
+from unnoise.distributed import map_chunks
 from unnoise.guidance import conditioned
 from unnoise.losses import elbo_terms
 from unnoise.nets.unet import UNet, UNetConfig
@@ -133,19 +134,23 @@ def sample_images(
     class_id: int | None = None,
     seed: int = 0,
     trajectory: list | None = None,
+    indices: range | None = None,
     **options,
 ) -> tuple[Tensor, Tensor]:
     """``n`` images (uint8, N x C x H x W) and their labels (-1 unconditional).
 
     Conditional runs without ``class_id`` cycle through the classes (row i of an 8-wide grid...).
-    Per-sample seeds (seed + i) make image i independent of n. ``trajectory`` collects
-    (sigma, x, x0_hat) per step when given.
+    Per-sample seeds (seed + i) make image i independent of n. ``indices`` draws only those of
+    the n images (one batch; :func:`sample_images_sharded` deals batches to processes).
+    ``trajectory`` collects (sigma, x, x0_hat) per step when given.
     """
     labels = _labels(run, n, class_id)
     if guidance != 1.0 and not run.conditional:
         raise ValueError("this model is unconditional: guidance needs a class-conditional run (leave it at 1)")
+    indices = range(n) if indices is None else indices
+    labels = labels[indices.start : indices.stop]
     c = run.net.config
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    generators = [torch.Generator().manual_seed(seed + i) for i in indices]
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
     x = torch.stack([torch.randn(c.in_channels, c.image_size, c.image_size, generator=g) for g in generators]) * s_max
     callback = None if trajectory is None else (lambda i, s, x, x0: trajectory.append((float(s), x, x0)))
@@ -164,6 +169,21 @@ def sample_images(
     return to_uint8(out.clamp(-1, 1)), labels
 
 
+def sample_images_sharded(
+    run: ImageRun, *, n: int = 64, batch_size: int = 64, trajectory: list | None = None, **sampling
+) -> tuple[Tensor, Tensor]:
+    """:func:`sample_images` in batches of ``batch_size`` dealt to the processes of a torchrun
+    group; every process returns all ``n``, identical for any number of processes (and to one
+    process's). ``trajectory`` records the first batch, on the process that draws it."""
+
+    def draw(indices: range) -> Tensor:
+        keep = trajectory if indices.start == 0 else None
+        return sample_images(run, n=n, indices=indices, trajectory=keep, **sampling)[0]
+
+    images = map_chunks(draw, n, batch_size)
+    return images, _labels(run, n, sampling.get("class_id"))
+
+
 def _labels(run: ImageRun, n: int, class_id: int | None) -> Tensor:
     k = run.net.config.num_classes
     if class_id is not None:
@@ -178,35 +198,47 @@ def _labels(run: ImageRun, n: int, class_id: int | None) -> Tensor:
 
 
 @torch.no_grad()
-def eval_bpd(run: ImageRun, *, n: int | None = None, batch_size: int = 256) -> tuple[float, float]:
+def eval_bpd(run: ImageRun, *, n: int | None = None, batch_size: int = 256, seed: int = 0) -> tuple[float, float]:
     """Test-split negative ELBO in bits/dim (discretized decoder on 8-bit pixels): (mean, stderr).
 
     Conditional runs are scored with their labels: bits/dim of p(x | y). T model calls per batch.
+    Batches are dealt to the processes of a torchrun group; batch k draws its noise from seed + k
+    * batch_size, so the figure is the same for any number of processes.
     """
     data = dataset(run.cfg, "test")
     x0, y = to_model(data.images)[:n], data.labels[:n]
     conditional = run.net.config.num_classes is not None
-    per_sample = []
-    for xb, yb in zip(x0.split(batch_size), y.split(batch_size), strict=True):
 
-        def model(x_t: Tensor, t: Tensor, labels=yb if conditional else None) -> Tensor:
-            return run.net(x_t, t, labels)
+    def score(indices: range) -> Tensor:
+        xb, yb = x0[indices.start : indices.stop], y[indices.start : indices.stop]
 
-        e = elbo_terms(model, xb, run.schedule, prediction=run.cfg.prediction, variance=run.cfg.variance, clip_x0=True)
-        per_sample.append(e.bpd)
-    bpd = torch.cat(per_sample).double()
+        def model(x_t: Tensor, t: Tensor) -> Tensor:
+            return run.net(x_t, t, yb if conditional else None)
+
+        g = torch.Generator().manual_seed(seed + indices.start)
+        kw = dict(prediction=run.cfg.prediction, variance=run.cfg.variance, clip_x0=True, generator=g)
+        return elbo_terms(model, xb, run.schedule, **kw).bpd
+
+    bpd = map_chunks(score, len(x0), batch_size).double()
     return bpd.mean().item(), (bpd.std() / math.sqrt(len(bpd))).item() if len(bpd) > 1 else float("nan")
 
 
 def eval_fid(run: ImageRun, *, n: int = 1000, batch_size: int = 250, **sampling) -> float:
-    """FID of ``n`` samples (class-balanced for conditional runs) against the whole test split."""
-    from unnoise.metrics import InceptionFeatures, fid
+    """FID of ``n`` samples (class-balanced for conditional runs) against the whole test split.
+
+    Sampling and the Inception features are sharded over the processes of a torchrun group.
+    """
+    from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
 
     features = InceptionFeatures()  # fails early, with the install hint, if the extra is missing
-    images = torch.cat(
-        [sample_images(run, n=min(batch_size, n - i), seed=i, **sampling)[0] for i in range(0, n, batch_size)]
-    )
-    return fid(images, dataset(run.cfg, "test").images, features)
+    images, _ = sample_images_sharded(run, n=n, batch_size=batch_size, **sampling)
+    reference = dataset(run.cfg, "test").images
+
+    def fit(x: Tensor):
+        rows = map_chunks(lambda r: torch.from_numpy(features(x[r.start : r.stop])), len(x), batch_size)
+        return gaussian_fit(rows.numpy())
+
+    return frechet_distance(*fit(images), *fit(reference))
 
 
 def _scale(images: Tensor) -> int:

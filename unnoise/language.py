@@ -28,6 +28,7 @@ from unnoise.data.text import (
     tokenize,
 )
 from unnoise.denoisers import labelled
+from unnoise.distributed import Draws
 from unnoise.guidance import conditioned
 from unnoise.nets.transformer import TextTransformer, TransformerConfig
 from unnoise.sampling import sample as run_sampler
@@ -97,12 +98,12 @@ def objective(cfg: TrainConfig, schedule: DiscreteSchedule) -> Objective:
     probability ``p_uncond``, for classifier-free guidance.
     """
 
-    def loss(model: DiffusionLM, ids: Tensor, cond: Tensor, g: torch.Generator) -> Tensor:
-        t = torch.randint(1, schedule.T + 1, (ids.shape[0],), generator=g)
-        noise = torch.randn((*ids.shape, model.embedding.dim), generator=g)
+    def loss(model: DiffusionLM, ids: Tensor, cond: Tensor, draws: Draws) -> Tensor:
+        t = draws.randint(1, schedule.T + 1).to(ids.device)
+        noise = draws.randn(*ids.shape[1:], model.embedding.dim).to(ids.device)
         c = None
         if cond.ndim == 2:
-            keep = (torch.rand(cond.shape[0], generator=g) >= cfg.p_uncond).long()[:, None]
+            keep = (draws.rand() >= cfg.p_uncond).long()[:, None].to(cond.device)
             c = cond * keep
         return diffusion_lm_loss(model.net, model.embedding, ids, schedule, t, noise, c).loss.mean()
 

@@ -11,6 +11,7 @@ bit-identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -24,13 +25,15 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from unnoise import distributed
 from unnoise.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_config
 from unnoise.diffusion import reverse_table
+from unnoise.distributed import Draws
 from unnoise.losses import LossAwareSampler, UniformSampler, diffusion_loss
 from unnoise.schedules import make_schedule
 
 Forward = Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]  # (net, x_t, t, labels) -> output
-Objective = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]  # (net, x0, labels, g) -> loss
+Objective = Callable[[nn.Module, Tensor, Tensor, Draws], Tensor]  # (net, x0, labels, draws) -> loss
 
 
 @dataclass
@@ -142,16 +145,28 @@ def train(
 ) -> nn.Module:
     """Train ``net`` on ``x0`` (N, ...) with labels (N,); returns the EMA network.
 
-    ``loss_fn(net, x0_batch, labels_batch, generator)`` is the objective: a scalar to minimise,
-    drawing its randomness (t, noise, label dropout) from ``generator``, whose state is
-    checkpointed. :func:`diffusion_objective` is the DDPM family's; a modality may bring its own.
+    ``loss_fn(net, x0_batch, labels_batch, draws)`` is the objective: a scalar to minimise (a
+    mean over the batch), drawing its randomness (t, noise, label dropout) from ``draws``
+    (:class:`unnoise.distributed.Draws`), whose generator is checkpointed.
+    :func:`diffusion_objective` is the DDPM family's; a modality may bring its own.
     Writes RUN/config.json, RUN/log.jsonl and checkpoints every ``save_every`` steps and at the end.
     ``stop(step)``, asked after every step, ends training early (a time budget); the step it
     ends on is checkpointed like the last.
+
+    Under torchrun (:mod:`unnoise.distributed`) each of N processes computes its N-th of every
+    global batch of ``cfg.batch_size`` rows and DistributedDataParallel averages the gradients;
+    the random numbers, data order, learning rate and EMA are those of one process, so the
+    weights equal a single process's up to summation order, and a run may resume on another N.
+    (Dropout masks come from the global RNG, seeded per step and rank: a network with dropout
+    trains to statistically equivalent, not identical, weights on another N.) Rank 0 writes the
+    run folder.
     """
+    shard, device = distributed.current(), distributed.device()
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    if shard.main:
+        run.mkdir(parents=True, exist_ok=True)
     g_noise = torch.Generator().manual_seed(cfg.seed + 1)
+    net.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState()
@@ -160,22 +175,35 @@ def train(
         state = TrainState(saved["step"], saved["epoch"], saved["position"])
     elif resume:
         raise FileNotFoundError(f"nothing to resume: no checkpoint in {run}")
-    save_config(run, {"train": dataclasses.asdict(cfg)} | _net_config(net))
     batches = Batches(len(x0), cfg.batch_size, cfg.seed)
-    bar = _progress(cfg.steps, state.step, progress)
-    log = open(run / "log.jsonl", "a", encoding="utf-8")
+    batch = batches.batch_size  # global: every process computes shard.rows(batch) of it
+    rows = shard.rows(batch)
+    if shard.main:
+        save_config(run, {"train": dataclasses.asdict(cfg)} | _net_config(net))
+    step_fn: nn.Module = _Step(net, loss_fn)
+    if shard.world > 1:
+        ids = [device] if device.type == "cuda" else None
+        step_fn = torch.nn.parallel.DistributedDataParallel(step_fn, device_ids=ids)
+    bar = _progress(cfg.steps, state.step, progress and shard.main)
+    log = open(run / "log.jsonl", "a", encoding="utf-8") if shard.main else None
     window, t_start = [], time.perf_counter()
     try:
         while state.step < cfg.steps:
             for group in opt.param_groups:
                 group["lr"] = learning_rate(cfg, state.step)
             opt.zero_grad(set_to_none=True)
+            # The global RNG (dropout) restarts from (seed, step, rank) every step: resumable
+            # without saving it, and different on every rank.
+            torch.manual_seed((cfg.seed * 1_000_003 + state.step) * 4099 + shard.rank)
             total = 0.0
-            for _ in range(cfg.grad_accum):
-                idx = batches.next(state)
-                loss = loss_fn(net, x0[idx], labels[idx], g_noise)
-                (loss / cfg.grad_accum).backward()
+            for k in range(cfg.grad_accum):
+                idx = batches.next(state)[rows]
+                last = k == cfg.grad_accum - 1
+                with contextlib.nullcontext() if last or shard.world == 1 else step_fn.no_sync():
+                    loss = step_fn(x0[idx].to(device), labels[idx].to(device), Draws(g_noise, batch, shard))
+                    (loss / cfg.grad_accum).backward()
                 total += loss.item() / cfg.grad_accum
+            total = distributed.mean(total)
             if not math.isfinite(total):
                 raise FloatingPointError(f"loss is {total} at step {state.step}: lower the learning rate")
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip).item()
@@ -184,9 +212,11 @@ def train(
             state.step += 1
             window.append(total)
             stopping = stop is not None and stop(state.step)
-            if state.step % cfg.log_every == 0 or state.step == cfg.steps or stopping:
+            if shard.world > 1:  # a time budget may run out on one rank first: stop together
+                stopping = distributed.mean(float(stopping)) > 0
+            if log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps or stopping):
                 elapsed = time.perf_counter() - t_start
-                rate = len(window) * cfg.batch_size * cfg.grad_accum / max(elapsed, 1e-9)
+                rate = len(window) * batch * cfg.grad_accum / max(elapsed, 1e-9)
                 record = {"step": state.step, "loss": sum(window) / len(window), "lr": learning_rate(cfg, state.step)}
                 record |= {"grad_norm": grad_norm, "images_per_s": rate}
                 log.write(json.dumps(record) + "\n")
@@ -196,7 +226,7 @@ def train(
                 window, t_start = [], time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping:
+            if shard.main and (state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping):
                 save_checkpoint(
                     run,
                     state.step,
@@ -211,11 +241,24 @@ def train(
                     on_sample(ema, state.step)
             if stopping:
                 break
+        distributed.barrier()  # rank 0's last checkpoint is on disk when any rank returns
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         if bar is not None:
             bar.close()
     return ema
+
+
+class _Step(nn.Module):
+    """The objective as a module's forward, so that DistributedDataParallel wraps the whole loss."""
+
+    def __init__(self, net: nn.Module, loss_fn: Objective) -> None:
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def forward(self, x0: Tensor, labels: Tensor, draws: Draws) -> Tensor:
+        return self.loss_fn(self.net, x0, labels, draws)
 
 
 def diffusion_objective(cfg: TrainConfig, null_label: int | None, forward: Forward | None = None) -> Objective:
@@ -224,23 +267,26 @@ def diffusion_objective(cfg: TrainConfig, null_label: int | None, forward: Forwa
     importance-weighted, under bf16 autocast when asked. ``forward(net, x_t, t, labels)`` calls
     the network (default ``net(x_t, t, labels)``).
 
-    The loss-aware sampler's history lives in the closure and is not checkpointed: a resumed run
-    with ``timestep_sampling="loss_aware"`` restarts it (uniform until warm again).
+    The loss-aware sampler learns from the losses of the whole global batch (gathered from every
+    process), so its state is the same on every rank. Its history lives in the closure and is not
+    checkpointed: a resumed run with ``timestep_sampling="loss_aware"`` restarts it (uniform
+    until warm again).
     """
     forward = forward or (lambda m, x, t, y: m(x, t, y))
     table = reverse_table(make_schedule(cfg.schedule, cfg.T))
-    sampler = (LossAwareSampler if cfg.timestep_sampling == "loss_aware" else UniformSampler)(cfg.T)
+    loss_aware = cfg.timestep_sampling == "loss_aware"
+    sampler = (LossAwareSampler if loss_aware else UniformSampler)(cfg.T)
 
-    def objective(net: nn.Module, x0: Tensor, y: Tensor, g_noise: torch.Generator) -> Tensor:
+    def objective(net: nn.Module, x0: Tensor, y: Tensor, draws: Draws) -> Tensor:
         if null_label is not None and cfg.p_uncond > 0:
-            drop = torch.rand(y.shape, generator=g_noise) < cfg.p_uncond
+            drop = draws.rand().to(y.device) < cfg.p_uncond
             y = torch.where(drop, torch.full_like(y, null_label), y)
-        t, weights = sampler.sample(x0.shape[0], g_noise)
-        noise = torch.randn(x0.shape, generator=g_noise, dtype=x0.dtype)
+        t, weights = (draws.keep(v).to(x0.device) for v in sampler.sample(draws.batch, draws.generator))
+        noise = draws.randn(*x0.shape[1:], dtype=x0.dtype).to(x0.device)
         labels = y if null_label is not None else None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             terms = diffusion_loss(
-                lambda x_t, tt: forward(net, x_t, tt, labels).float(),
+                lambda x_t, tt: forward(net, x_t, tt, labels).to(x0.dtype),
                 x0,
                 t,
                 noise,
@@ -250,7 +296,8 @@ def diffusion_objective(cfg: TrainConfig, null_label: int | None, forward: Forwa
                 kind="hybrid" if cfg.loss == "hybrid" else "simple",
                 min_snr_gamma=cfg.min_snr_gamma if cfg.loss == "min_snr" else None,
             )
-        sampler.update(t, terms.loss)
+        if loss_aware:
+            sampler.update(distributed.gather_rows(t).cpu(), distributed.gather_rows(terms.loss.detach()).cpu())
         return (terms.loss * weights.to(terms.loss)).mean()
 
     return objective
