@@ -53,11 +53,16 @@ def test_training_writes_log_checkpoints_and_samples(tmp_path):
     assert config["train"]["steps"] == 6 and config["net"]["num_classes"] == 10
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"T": 4, "timestep_sampling": "loss_aware"}],  # T = 4: the loss-aware sampler is warm by step 3
+    ids=["uniform", "loss_aware"],
+)
+def test_resume_continues_exactly(tmp_path, settings):
     straight, resumed = tmp_path / "a", tmp_path / "b"
-    train_images(tiny(), straight, progress=False)
-    train_images(tiny(steps=3), resumed, progress=False)
-    train_images(tiny(), resumed, resume=True, progress=False)
+    train_images(tiny(**settings), straight, progress=False)
+    train_images(tiny(steps=3, **settings), resumed, progress=False)
+    train_images(tiny(**settings), resumed, resume=True, progress=False)
     for name in ("model", "ema"):
         a = read_safetensors(latest_checkpoint(straight) / f"{name}.safetensors")
         b = read_safetensors(latest_checkpoint(resumed) / f"{name}.safetensors")

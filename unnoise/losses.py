@@ -278,6 +278,13 @@ class UniformSampler:
     def update(self, t: Tensor, losses: Tensor) -> None:
         """Uniform sampling learns nothing from the losses."""
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint needs to resume the sampler exactly (nothing, for uniform sampling)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        pass
+
 
 class LossAwareSampler(UniformSampler):
     """iDDPM Sec. 3.3: p_t proportional to sqrt(E[L_t^2]) over the last ``history`` losses per t.
@@ -291,6 +298,14 @@ class LossAwareSampler(UniformSampler):
         self.uniform_prob = uniform_prob
         self.history = torch.zeros(T, history, dtype=torch.float64)
         self.count = torch.zeros(T, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"history": self.history.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:  # a checkpoint written before the sampler's state was saved: start it afresh
+            self.history.copy_(state["history"])
+            self.count.copy_(state["count"])
 
     def probabilities(self) -> Tensor:
         if (self.count < self.history.shape[1]).any():

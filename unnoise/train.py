@@ -173,6 +173,8 @@ def train(
     if resume and latest_checkpoint(run) is not None:
         saved = load_checkpoint(run, model=net, ema=ema, optimizer=opt, generators={"noise": g_noise})
         state = TrainState(saved["step"], saved["epoch"], saved["position"])
+        if hasattr(loss_fn, "load_state_dict"):
+            loss_fn.load_state_dict(saved.get("objective", {}))
     elif resume:
         raise FileNotFoundError(f"nothing to resume: no checkpoint in {run}")
     batches = Batches(len(x0), cfg.batch_size, cfg.seed)
@@ -233,7 +235,7 @@ def train(
                     model=net,
                     ema=ema,
                     optimizer=opt,
-                    state=dataclasses.asdict(state),
+                    state=dataclasses.asdict(state) | {"objective": _objective_state(loss_fn)},
                     generators={"noise": g_noise},
                     keep=cfg.keep,
                 )
@@ -248,6 +250,11 @@ def train(
         if bar is not None:
             bar.close()
     return ema
+
+
+def _objective_state(loss_fn: Objective) -> dict:
+    """An objective's own state (e.g. the loss-aware sampler's history), if it keeps any."""
+    return loss_fn.state_dict() if hasattr(loss_fn, "state_dict") else {}
 
 
 class _Step(nn.Module):
@@ -268,9 +275,8 @@ def diffusion_objective(cfg: TrainConfig, null_label: int | None, forward: Forwa
     the network (default ``net(x_t, t, labels)``).
 
     The loss-aware sampler learns from the losses of the whole global batch (gathered from every
-    process), so its state is the same on every rank. Its history lives in the closure and is not
-    checkpointed: a resumed run with ``timestep_sampling="loss_aware"`` restarts it (uniform
-    until warm again).
+    process), so its state is the same on every rank; the objective's ``state_dict`` /
+    ``load_state_dict`` carry it through checkpoints.
     """
     forward = forward or (lambda m, x, t, y: m(x, t, y))
     table = reverse_table(make_schedule(cfg.schedule, cfg.T))
@@ -300,6 +306,8 @@ def diffusion_objective(cfg: TrainConfig, null_label: int | None, forward: Forwa
             sampler.update(distributed.gather_rows(t).cpu(), distributed.gather_rows(terms.loss.detach()).cpu())
         return (terms.loss * weights.to(terms.loss)).mean()
 
+    objective.state_dict = sampler.state_dict  # type: ignore[attr-defined]
+    objective.load_state_dict = sampler.load_state_dict  # type: ignore[attr-defined]
     return objective
 
 
