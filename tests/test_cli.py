@@ -28,7 +28,7 @@ def test_value_errors_become_one_line(monkeypatch, capsys):
         raise ValueError("something is wrong; allowed: this")
 
     monkeypatch.setattr(unnoise.demo, "run_demo", boom)
-    assert main(["demo"]) == 2
+    assert main(["demo", "toy"]) == 2
     assert capsys.readouterr().err == "unnoise demo: error: something is wrong; allowed: this\n"
 
 
@@ -37,6 +37,17 @@ def test_small_demo_writes_its_picture_and_figures(tmp_path):
     figures = run_demo(cfg)
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert figures["elbo_bpd"] > figures["true_nll_bpd"] - 3 * figures["elbo_stderr"]
+
+
+@pytest.mark.slow
+def test_image_demo_writes_samples_trajectory_and_bits_per_dim(tmp_path, capsys):
+    """`unnoise demo` (images), shortened: its files and its printed figure."""
+    from unnoise.image_demo import run_image_demo
+
+    figures = run_image_demo(tmp_path, steps=20)
+    assert (tmp_path / "samples.png").is_file() and (tmp_path / "trajectory.png").is_file()
+    assert 0 < figures["bpd"] < 8 and figures["bpd_stderr"] > 0
+    assert "bits/dim" in capsys.readouterr().out
 
 
 @pytest.mark.slow

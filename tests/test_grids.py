@@ -92,3 +92,46 @@ def test_tuned_parameters_interpolate_between_fits():
 def test_bad_grid_arguments(args, kw, match):
     with pytest.raises(ValueError, match=match):
         make_grid(*args, **kw)
+
+
+def test_ddpm_on_the_diffwave_grid_is_diffwaves_fast_sampler():
+    """DiffWave's fast loop (lmnt-com/diffwave inference.py, VP form) = sample_ddpm on make_grid("diffwave").
+
+    Gaussian data x0 ~ N(mu, s^2), so both sides use the exact model; the same normal draws in
+    the same order. float64: equal to rounding.
+    """
+    from unnoise.grids import DIFFWAVE_FAST_BETAS
+    from unnoise.samplers import sample_ddpm
+
+    mu, s = 0.3, 0.5
+    beta = torch.tensor(DIFFWAVE_FAST_BETAS, dtype=torch.float64)
+    alpha = 1 - beta
+    ab = torch.cumprod(alpha, 0)
+
+    def eps_vp(x, a_bar):  # E[eps | x_t] for x_t = sqrt(ab) x0 + sqrt(1 - ab) eps
+        a = a_bar.sqrt()
+        x0 = mu + a * s**2 / (a**2 * s**2 + 1 - a_bar) * (x - a * mu)
+        return (x - a * x0) / (1 - a_bar).sqrt()
+
+    g = torch.Generator().manual_seed(0)
+    audio = torch.randn(2000, generator=g, dtype=torch.float64)
+    start = audio.clone()
+    for n in range(len(beta) - 1, -1, -1):
+        audio = (audio - beta[n] / (1 - ab[n]).sqrt() * eps_vp(audio, ab[n])) / alpha[n].sqrt()
+        if n > 0:
+            std = ((1 - ab[n - 1]) / (1 - ab[n]) * beta[n]).sqrt()
+            audio = audio + std * torch.randn(2000, generator=g, dtype=torch.float64)
+
+    sigmas = make_grid("diffwave", 6, 0.002, 80.0)
+    assert len(sigmas) == 7 and sigmas[-1] == 0
+    assert sigmas[0].item() == pytest.approx(((1 - ab[-1]) / ab[-1]).sqrt().item(), rel=1e-12)
+
+    def D(x, sigma):  # E[x0 | x0 + sigma n = x]
+        return mu + s**2 / (s**2 + sigma**2) * (x - mu)
+
+    g = torch.Generator().manual_seed(0)
+    torch.randn(2000, generator=g, dtype=torch.float64)  # the start, drawn above
+    ours = sample_ddpm(D, start / ab[-1].sqrt(), sigmas, generator=g)  # VP x_T -> sigma-space x_T / sqrt(ab)
+    torch.testing.assert_close(ours, audio, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="exactly 6 steps"):
+        make_grid("diffwave", 10, 0.002, 80.0)

@@ -20,9 +20,11 @@ from unnoise import distributed
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.audio import AudioDataset, load_wav_folder, make_spoken_digits
 from unnoise.denoisers import clipped, labelled
+from unnoise.grids import make_grid
 from unnoise.guidance import conditioned
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
 from unnoise.sampling import sample as run_sampler
+from unnoise.sampling import steps_for_nfe
 from unnoise.schedules import DiscreteSchedule, make_schedule
 from unnoise.train import TrainConfig, diffusion_objective, train
 
@@ -104,8 +106,13 @@ def sample_audio(
     guidance: float = 1.0,
     class_id: int | None = None,
     seed: int = 0,
+    grid: str | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``n`` clips (N, samples) in [-1, 1] and their labels; conditional runs cycle the classes."""
+    """``n`` clips (N, samples) in [-1, 1] and their labels; conditional runs cycle the classes.
+
+    ``grid="diffwave"`` with ``sampler="ddpm", nfe=6`` is DiffWave's fast sampler (its 6-step
+    inference schedule); the chain starts at that grid's top noise level.
+    """
     k = run.net.config.num_classes
     if class_id is not None and (k is None or not 0 <= class_id < k):
         allowed = "none: this model is unconditional" if k is None else f"0..{k - 1}"
@@ -115,10 +122,23 @@ def sample_audio(
     labels = torch.full((n,), class_id) if class_id is not None else torch.arange(n) % (k or 1)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
-    x = torch.stack([torch.randn(1, run.samples, generator=g) for g in generators]) * s_max
+    top = s_max
+    if grid is not None:  # a named grid may start below sigma_max (DiffWave's tops out at 1.29)
+        top = float(make_grid(grid, steps_for_nfe(sampler, nfe), s_min, s_max, schedule=run.schedule)[0])
+    x = torch.stack([torch.randn(1, run.samples, generator=g) for g in generators]) * top
 
     conditional = labelled(run.net, run.schedule, prediction=run.cfg.prediction)
     null = None if k is None else torch.tensor(k)
     D = conditioned(conditional, None if k is None else labels, null, guidance)
-    out = run_sampler(clipped(D), x, sampler=sampler, nfe=nfe, sigma_max=s_max, sigma_min=s_min, generator=generators)
+    out = run_sampler(
+        clipped(D),
+        x,
+        sampler=sampler,
+        nfe=nfe,
+        sigma_max=s_max,
+        sigma_min=s_min,
+        grid=grid,
+        schedule=run.schedule,
+        generator=generators,
+    )
     return out[:, 0].clamp(-1, 1), labels if k is not None else torch.full((n,), -1)

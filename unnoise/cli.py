@@ -3,7 +3,7 @@
 unnoise train image --data digits --model small --steps 2000 --out RUN [--resume]
 unnoise sample --run RUN --sampler unipc --nfe 20 --guidance 3 --class 7 --n 64 --out FILE
 unnoise eval --run RUN --bpd
-unnoise demo [toy|images]
+unnoise demo [images|toy|text]
 """
 
 from __future__ import annotations
@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="--fid: classifier-free guidance")
 
     demo = sub.add_parser("demo", help="train a small model on built-in data; write pictures and figures")
-    demo.add_argument("kind", nargs="?", choices=["toy", "images", "text"], default="toy")
+    demo.add_argument(
+        "kind", nargs="?", choices=["images", "toy", "text"], default="images", help="default: images (digits)"
+    )
     demo.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("unnoise-demo"), help="output folder")

@@ -15,8 +15,12 @@ from torch import Tensor
 
 from unnoise.schedules import DiscreteSchedule
 
-GridName = Literal["tuned", "karras", "log_snr", "linspace", "leading", "trailing"]
-GRID_NAMES: tuple[str, ...] = ("tuned", "karras", "log_snr", "linspace", "leading", "trailing")
+GridName = Literal["tuned", "karras", "log_snr", "linspace", "leading", "trailing", "diffwave"]
+GRID_NAMES: tuple[str, ...] = ("tuned", "karras", "log_snr", "linspace", "leading", "trailing", "diffwave")
+
+# DiffWave's fast sampling schedule (Kong et al. 2021, Sec. 4; lmnt-com/diffwave params.py):
+# 6 inference betas, whose cumulative alpha_bar the reverse chain steps through.
+DIFFWAVE_FAST_BETAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5)
 
 # density_grid parameters per sampler and number of steps, fitted by benchmarks/tune_grids.py
 # (mean log ODE error over 2-D and 32-D Gaussian mixtures, linear and cosine schedules).
@@ -121,6 +125,22 @@ def log_snr_grid(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     return _with_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp())
 
 
+def betas_grid(betas: tuple[float, ...] | list[float]) -> Tensor:
+    """The noise levels of an inference noise schedule, highest first, then 0.
+
+    alpha_bar_s = prod_{k <= s} (1 - beta_k) and sigma_s = sqrt(1 / alpha_bar_s - 1). DDPM's
+    ancestral step (fixed-small variance) over these sigmas is DiffWave's fast sampler: its
+    posterior mean and variance are those of the inference chain, and the network is evaluated
+    at the noise level itself (DiffWave aligns it to a fractional training step; in sigma-space
+    the denoiser takes the level directly).
+    """
+    b = torch.tensor(betas, dtype=torch.float64)
+    if b.ndim != 1 or len(b) < 1 or not ((b > 0) & (b < 1)).all():
+        raise ValueError(f"inference betas must be a non-empty list of numbers in (0, 1), got {list(betas)}")
+    alpha_bar = torch.cumprod(1 - b, 0)
+    return _with_zero((1 / alpha_bar - 1).sqrt().flip(0))
+
+
 def uniform_t_grid(
     n: int, schedule: DiscreteSchedule, spacing: Literal["linspace", "leading", "trailing"] = "linspace"
 ) -> Tensor:
@@ -151,7 +171,8 @@ def make_grid(
     rho: float = 7.0,
     sampler: str | None = None,
 ) -> Tensor:
-    """A grid of ``n`` steps by name; uniform-t grids use ``schedule`` (and ignore the sigma range).
+    """A grid of ``n`` steps by name; uniform-t grids use ``schedule`` (and ignore the sigma range),
+    as does ``"diffwave"`` (:data:`DIFFWAVE_FAST_BETAS`, 6 steps).
 
     ``"tuned"`` is :func:`density_grid` with the parameters fitted for ``sampler`` and ``n``
     (:func:`tuned_parameters`).
@@ -166,6 +187,10 @@ def make_grid(
         return karras_grid(n, sigma_min, sigma_max, rho)
     if name == "log_snr":
         return log_snr_grid(n, sigma_min, sigma_max)
+    if name == "diffwave":
+        if n != len(DIFFWAVE_FAST_BETAS):
+            raise ValueError(f"grid 'diffwave' is DiffWave's fast schedule of exactly 6 steps (nfe 6), got {n}")
+        return betas_grid(DIFFWAVE_FAST_BETAS)
     if name in ("linspace", "leading", "trailing"):
         if schedule is None:
             raise ValueError(f"grid {name!r} is uniform in a discrete schedule's t: pass schedule=...")
