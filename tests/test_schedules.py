@@ -123,3 +123,15 @@ def test_bad_continuous_ranges():
         ContinuousVP(5.0, 1.0)
     with pytest.raises(ValueError, match="sigma_min < sigma_max"):
         EDMRange(1.0, 0.5)
+
+
+def test_diffwave_schedule_is_the_papers_base_process():
+    """Kong et al. (2021): T = 50, betas linspace(1e-4, 0.05); other T keep the process (alpha_bar_T)."""
+    s = make_schedule("diffwave", 50)
+    torch.testing.assert_close(s.betas, torch.linspace(1e-4, 0.05, 50, dtype=torch.float64), rtol=0, atol=1e-15)
+    ab_T = torch.prod(1 - torch.linspace(1e-4, 0.05, 50, dtype=torch.float64))
+    assert s.alpha_bar[-1].item() == pytest.approx(ab_T.item(), rel=1e-12)
+    # 50 / T scaling keeps the sum of betas exactly, so log alpha_bar_T agrees to first order in beta.
+    finer = make_schedule("diffwave", 200)
+    assert finer.betas.sum().item() == pytest.approx(s.betas.sum().item(), rel=1e-12)
+    assert math.log(finer.alpha_bar[-1].item() / ab_T.item()) == pytest.approx(0.0, abs=(s.betas**2).sum().item())

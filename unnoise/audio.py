@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +56,18 @@ def audio_dataset(cfg: TrainConfig, split: str = "train") -> AudioDataset:
     return AudioDataset(data.waves[idx], data.labels[idx], data.class_names, data.sample_rate)
 
 
-def train_audio(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> DiffWave:
-    """Train a DiffWave on ``cfg.data`` (class-conditional with a null class when labelled)."""
+def train_audio(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop: Callable[[int], bool] | None = None,
+) -> DiffWave:
+    """Train a DiffWave on ``cfg.data`` (class-conditional with a null class when labelled).
+
+    ``stop(step)`` may end training early (see :func:`unnoise.train.train`).
+    """
     torch.manual_seed(cfg.seed)
     data = audio_dataset(cfg, "train")
     num_classes = len(data.class_names) if cfg.conditional and data.class_names else None
@@ -66,7 +77,7 @@ def train_audio(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, 
     net = DiffWave(config)
     x0 = data.waves[:, None, :]  # (N, 1, samples)
     loss_fn = diffusion_objective(cfg, num_classes)
-    return train(cfg, run_dir, net, x0, data.labels, loss_fn=loss_fn, resume=resume, progress=progress)
+    return train(cfg, run_dir, net, x0, data.labels, loss_fn=loss_fn, resume=resume, progress=progress, stop=stop)
 
 
 @dataclass
