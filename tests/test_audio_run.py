@@ -46,3 +46,26 @@ def test_bad_audio_sampling_input(run, tmp_path, capsys, extra, match):
 def test_unknown_audio_data(tmp_path, capsys):
     assert main(["train", "audio", "--data", "birdsong", "--out", str(tmp_path / "r")]) == 2
     assert "allowed: spoken-digits" in capsys.readouterr().err
+
+
+def test_diffwave_fast_sampling_from_the_cli(run, tmp_path):
+    argv = ["sample", "--run", str(run), "--n", "2", "--sampler", "ddpm", "--nfe", "6", "--grid", "diffwave"]
+    assert main([*argv, "--out", str(tmp_path / "fast")]) == 0
+    assert len(list(tmp_path.glob("fast_*.wav"))) == 2
+
+
+def test_eval_prints_accuracy_distance_and_real_time_factor(run, capsys, monkeypatch):
+    """The plumbing, with an untrained judge (the trained one is tested in test_audio_metrics.py)."""
+    import torch
+
+    from unnoise import audio_metrics
+
+    torch.manual_seed(0)
+    judge = audio_metrics.DigitClassifier(audio_metrics.DigitClassifierConfig.for_rate(8000)).eval()
+    monkeypatch.setattr(audio_metrics, "digit_classifier", lambda *a, **k: judge)
+    assert main(["eval", "--run", str(run), "--n", "10", "--nfe", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "digit accuracy of class-conditional samples" in out and "10 clips, unipc, 2 NFE" in out
+    assert "Frechet distance" in out and "real-time factor" in out
+    one_line_exit_2(main, ["eval", "--run", str(run), "--bpd"], capsys, "--bpd and --fid apply to image runs")
+    one_line_exit_2(main, ["eval", "--run", str(run), "--grid", "spiral"], capsys, "unknown grid 'spiral'")

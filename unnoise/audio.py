@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,10 @@ from unnoise import distributed
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.audio import AudioDataset, load_wav_folder, make_spoken_digits
 from unnoise.denoisers import clipped, labelled
-from unnoise.grids import make_grid
 from unnoise.guidance import conditioned
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
 from unnoise.sampling import sample as run_sampler
-from unnoise.sampling import steps_for_nfe
+from unnoise.sampling import start_sigma
 from unnoise.schedules import DiscreteSchedule, make_schedule
 from unnoise.train import TrainConfig, diffusion_objective, train
 
@@ -133,9 +133,7 @@ def sample_audio(
     labels = torch.full((n,), class_id) if class_id is not None else torch.arange(n) % (k or 1)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
-    top = s_max
-    if grid is not None:  # a named grid may start below sigma_max (DiffWave's tops out at 1.29)
-        top = float(make_grid(grid, steps_for_nfe(sampler, nfe), s_min, s_max, schedule=run.schedule)[0])
+    top = start_sigma(sampler, nfe, s_max, s_min, grid, run.schedule)
     x = torch.stack([torch.randn(1, run.samples, generator=g) for g in generators]) * top
 
     conditional = labelled(run.net, run.schedule, prediction=run.cfg.prediction)
@@ -153,3 +151,41 @@ def sample_audio(
         generator=generators,
     )
     return out[:, 0].clamp(-1, 1), labels if k is not None else torch.full((n,), -1)
+
+
+def evaluate_audio(
+    run: AudioRun,
+    *,
+    n: int = 100,
+    sampler: str = "unipc",
+    nfe: int = 20,
+    guidance: float = 1.0,
+    grid: str | None = None,
+    seed: int = 0,
+    classifier=None,
+) -> dict[str, float]:
+    """DiffWave's SC09 evaluation, scaled down: ``n`` generated clips judged by the spoken-digit
+    classifier of :mod:`unnoise.audio_metrics`.
+
+    Returns ``accuracy`` (conditional runs: the classifier's agreement with the requested digit),
+    ``fd`` (Frechet distance between classifier features of the generated and the held-out real
+    clips) and ``rtf`` (wall-clock seconds of generation per second of audio, on this machine).
+    """
+    from unnoise import audio_metrics
+
+    names = run.cfg.extra.get("class_names") or []
+    if names and names != [str(d) for d in range(10)]:
+        raise ValueError(f"the digit classifier judges spoken-digits runs (classes 0..9); this run's classes: {names}")
+    clip_seconds = run.samples / run.sample_rate
+    start = time.perf_counter()
+    waves, labels = sample_audio(run, n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed, grid=grid)
+    seconds = time.perf_counter() - start
+    judge = classifier or audio_metrics.digit_classifier(run.sample_rate, clip_seconds)
+    real = audio_dataset(run.cfg, "test")
+    scores = {
+        "rtf": audio_metrics.real_time_factor(seconds, n, clip_seconds),
+        "fd": audio_metrics.feature_distance(judge, waves, real.waves),
+    }
+    if run.net.config.num_classes is not None:
+        scores["accuracy"] = audio_metrics.accuracy(judge, waves, labels)
+    return scores

@@ -34,6 +34,11 @@ def _nonnegative_float(s: str) -> float:
     return v
 
 
+_GRID_HELP = (
+    "noise-level grid: tuned (default) | karras | log_snr | linspace | leading | trailing | "
+    "diffwave (DiffWave's 6-step fast schedule: --sampler ddpm --nfe 6)"
+)
+
 # torchrun's own parser reads --run and --n as abbreviations of its flags (--run-path, --nnodes...),
 # so under torchrun they are spelled --run-dir and --count.
 _RUN_HELP = "run folder (alias --run-dir, the spelling torchrun lets through)"
@@ -86,12 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="classifier-free guidance scale")
     sample.add_argument("--class", dest="class_id", type=int, default=None, help="class id (conditional runs)")
     sample.add_argument("--eta", type=_nonnegative_float, default=None, help="stochasticity (ddim, *_ancestral, *_sde)")
+    sample.add_argument("--grid", default=None, help=_GRID_HELP)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--n", "--count", dest="n", type=_positive_int, default=64, help="how many (alias --count)")
     sample.add_argument("--out", type=Path, required=True, help="FILE: writes FILE.png and FILE.npz")
     sample.add_argument("--trajectory", type=Path, default=None, help="also write x_t and predicted x0 per step")
 
-    ev = sub.add_parser("eval", help="evaluate a run")
+    ev = sub.add_parser(
+        "eval", help="evaluate a run: images --bpd / --fid N; audio: digit accuracy, Frechet distance, real-time factor"
+    )
     ev.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help=_RUN_HELP)
     ev.add_argument("--bpd", action="store_true", help="test-set negative ELBO in bits/dim")
     ev.add_argument(
@@ -101,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", default="unipc", help="--fid: the sampler")
     ev.add_argument("--nfe", type=_positive_int, default=20, help="--fid: denoiser evaluations per sample")
     ev.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="--fid: classifier-free guidance")
+    ev.add_argument("--grid", default=None, help=_GRID_HELP)
+    ev.add_argument("--seed", type=int, default=0, help="first per-sample seed of generated samples")
 
     demo = sub.add_parser("demo", help="train a small model on built-in data; write pictures and figures")
     demo.add_argument(
@@ -244,7 +254,7 @@ def _sample_audio(args: argparse.Namespace) -> None:
     from unnoise.audio_io import save_spectrogram_grid, save_wav
 
     if args.template is not None or args.mr is not None or args.trajectory or args.eta is not None:
-        raise ValueError("audio runs take --class, --guidance, --n, --sampler, --nfe, --seed")
+        raise ValueError("audio runs take --class, --guidance, --n, --sampler, --nfe, --grid, --seed")
     run = load_audio_run(args.run)
     waves, labels = sample_audio(
         run,
@@ -254,6 +264,7 @@ def _sample_audio(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         class_id=args.class_id,
         seed=args.seed,
+        grid=args.grid,
     )
     out = args.out.with_suffix("") if args.out.suffix in (".png", ".wav") else args.out
     for i, (wave, label) in enumerate(zip(waves, labels.tolist(), strict=True)):
@@ -265,9 +276,9 @@ def _sample_audio(args: argparse.Namespace) -> None:
 def _sample_text(args: argparse.Namespace) -> None:
     from unnoise.language import load_text_run, sample_text, save_sentences
 
-    if args.class_id is not None or args.trajectory or args.eta is not None:
+    if args.class_id is not None or args.trajectory or args.eta is not None or args.grid is not None:
         raise ValueError(
-            "text runs take --template, --mr, --guidance, --n, --sampler, --nfe, --seed; not --class/--eta"
+            "text runs take --template, --mr, --guidance, --n, --sampler, --nfe, --seed; not --class/--eta/--grid"
         )
     run = load_text_run(args.run)
     lines = sample_text(
@@ -299,6 +310,8 @@ def _sample_image(args: argparse.Namespace) -> None:
         if args.sampler not in with_eta:
             raise ValueError(f"--eta applies to {', '.join(with_eta)}; not to {args.sampler}")
         options["eta"] = args.eta
+    if args.grid is not None:
+        options["grid"] = args.grid
     run = load_run(args.run)
     trajectory = [] if args.trajectory else None
     images, labels = sample_images_sharded(
@@ -339,6 +352,18 @@ def _frames(trajectory: list, rows: int = 8, columns: int = 6) -> list:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from unnoise.checkpoint import load_config
+
+    kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
+    if kind == "audio":
+        _eval_audio(args)
+    elif kind == "image":
+        _eval_image(args)
+    else:
+        raise ValueError(f"{args.run} is a {kind} run: unnoise eval takes image and audio runs")
+
+
+def _eval_image(args: argparse.Namespace) -> None:
     from unnoise.imaging import eval_bpd, eval_fid, load_run
 
     if not (args.bpd or args.fid):
@@ -348,8 +373,30 @@ def _eval(args: argparse.Namespace) -> None:
         bpd, se = eval_bpd(run, n=args.n)
         _say(f"test negative ELBO: {bpd:.4f} +- {se:.4f} bits/dim")
     if args.fid:
-        score = eval_fid(run, n=args.fid, sampler=args.sampler, nfe=args.nfe, guidance=args.guidance)
+        sampling = dict(sampler=args.sampler, nfe=args.nfe, guidance=args.guidance, seed=args.seed)
+        score = eval_fid(run, n=args.fid, **sampling, **({"grid": args.grid} if args.grid else {}))
         _say(f"FID@{args.fid} vs the test split ({args.sampler}, {args.nfe} NFE): {score:.2f}")
+
+
+def _eval_audio(args: argparse.Namespace) -> None:
+    from unnoise import distributed
+    from unnoise.audio import evaluate_audio, load_audio_run
+
+    if args.bpd or args.fid:
+        raise ValueError("--bpd and --fid apply to image runs; audio runs are scored by the digit classifier")
+    if not distributed.current().main:
+        return  # not sharded: rank 0 generates and scores
+    run = load_audio_run(args.run)
+    n = args.n or 100
+    sampling = dict(sampler=args.sampler, nfe=args.nfe, guidance=args.guidance, grid=args.grid, seed=args.seed)
+    scores = evaluate_audio(run, n=n, **sampling)
+    how = f"{n} clips, {args.sampler}, {args.nfe} NFE, guidance {args.guidance:g}" + (
+        f", grid {args.grid}" if args.grid else ""
+    )
+    if "accuracy" in scores:
+        print(f"digit accuracy of class-conditional samples: {scores['accuracy']:.1%} ({how})")
+    print(f"Frechet distance to held-out real clips (classifier features): {scores['fd']:.2f}")
+    print(f"real-time factor of generation: {scores['rtf']:.3f} (below 1: faster than real time)")
 
 
 def _demo(args: argparse.Namespace) -> None:

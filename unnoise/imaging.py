@@ -23,6 +23,7 @@ from unnoise.guidance import conditioned
 from unnoise.losses import elbo_terms
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.sampling import sample as run_sampler
+from unnoise.sampling import start_sigma
 from unnoise.schedules import DiscreteSchedule, make_schedule
 from unnoise.train import TrainConfig, diffusion_objective, train
 
@@ -152,7 +153,8 @@ def sample_images(
     c = run.net.config
     generators = [torch.Generator().manual_seed(seed + i) for i in indices]
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
-    x = torch.stack([torch.randn(c.in_channels, c.image_size, c.image_size, generator=g) for g in generators]) * s_max
+    top = start_sigma(sampler, nfe, s_max, s_min, options.get("grid"), run.schedule)
+    x = torch.stack([torch.randn(c.in_channels, c.image_size, c.image_size, generator=g) for g in generators]) * top
     callback = None if trajectory is None else (lambda i, s, x, x0: trajectory.append((float(s), x, x0)))
     D = clipped(denoiser(run, labels if labels[0] >= 0 else None, guidance))
     out = run_sampler(
@@ -164,6 +166,7 @@ def sample_images(
         sigma_min=s_min,
         generator=generators,
         callback=callback,
+        schedule=run.schedule,
         **options,
     )
     return to_uint8(out.clamp(-1, 1)), labels

@@ -42,6 +42,16 @@ class CountingDenoiser:
         return self.denoise.with_variance(x, sigma)
 
 
+def start_sigma(
+    sampler: str, nfe: int, sigma_max: float, sigma_min: float, grid: str | None = None, schedule=None
+) -> float:
+    """The noise level the chain starts at: sigma_max, or the top of a named grid that ignores the
+    range (DiffWave's ``"diffwave"`` tops out at 1.29). Scale the starting noise by it."""
+    if grid is None:
+        return sigma_max
+    return float(make_grid(grid, steps_for_nfe(sampler, nfe), sigma_min, sigma_max, schedule=schedule)[0])
+
+
 def sample(
     denoise: Denoiser,
     x: Tensor,
