@@ -100,7 +100,10 @@ def _train_float64(run: Path, steps: int, batch: int, resume: bool = False, stop
     stop = None if stop_at is None else (lambda step: step >= stop_at)
     x0 = to_model(digits.images[:96]).double()
     objective = diffusion_objective(cfg, null_label=10)
-    train(cfg, run, net, x0, digits.labels[:96], loss_fn=objective, resume=resume, progress=False, stop=stop)
+    ema = train(cfg, run, net, x0, digits.labels[:96], loss_fn=objective, resume=resume, progress=False, stop=stop)
+    # Every rank holds the same weights and EMA (rank 0's are the ones checkpointed).
+    mine = torch.cat([p.detach().flatten() for m in (net, ema) for p in m.parameters()])
+    assert torch.equal(distributed.gather_rows(mine[None]), mine[None].expand(distributed.current().world, -1))
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,110 @@
+"""Class-conditional spoken digits on CPU: train a DiffWave for a CPU budget, then judge its clips.
+
+Trains ``unnoise.audio.train_audio`` on the synthesised spoken digits (8 kHz, 1 s clips; 90% of
+690 clips) for ``--minutes`` of the whole machine (process CPU seconds = minutes x 60 x cores,
+so other load on the machine does not shorten it), then, for a few samplers, NFE and guidance
+scales, draws 10 clips per digit and prints DiffWave's SC09 figures scaled down: the accuracy of
+the spoken-digit classifier (``unnoise.audio_metrics``) on them, the Frechet distance between
+its features of generated and held-out real clips, and the real-time factor of generation on
+this machine. Reference rows: the classifier on the held-out real clips, and the distance
+between two real sets (held-out vs training).
+
+Goals (the audio issue): accuracy >= 90%; real-time factor < 1 at 20 NFE or fewer.
+
+Run: python benchmarks/audio.py [--minutes 60] [--out bench-audio]   (needs espeak-ng)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = (  # sampler, nfe, guidance, grid
+    ("unipc", 20, 1.0, None),
+    ("unipc", 20, 2.0, None),
+    ("unipc", 20, 4.0, None),
+    ("dpmpp_2m_sde", 20, 2.0, None),
+    ("unipc", 10, 2.0, None),
+    ("ddpm", 6, 2.0, "diffwave"),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=60.0, help="training budget (of all cores)")
+    parser.add_argument("--out", default="bench-audio")
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--schedule", default="diffwave")
+    parser.add_argument("--T", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--per-class", type=int, default=10, help="generated clips per digit and config")
+    args = parser.parse_args()
+
+    from unnoise import audio_metrics
+    from unnoise.audio import audio_dataset, evaluate_audio, load_audio_run, train_audio
+    from unnoise.train import TrainConfig
+
+    out = Path(args.out)
+    run_dir = out / "run"
+    budget = args.minutes * 60 * (os.cpu_count() or 1)
+    if not (run_dir / "done.json").exists():
+        cfg = TrainConfig(
+            data="spoken-digits",
+            model=args.model,
+            schedule=args.schedule,
+            T=args.T,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup=200,
+            steps=10**7,
+            save_every=500,
+            log_every=50,
+            ema_decay=0.999,
+        )
+        start, wall = time.process_time(), time.perf_counter()
+        resume = (run_dir / "checkpoints").is_dir()
+        train_audio(cfg, run_dir, resume=resume, stop=lambda step: time.process_time() - start >= budget)
+        record = {"cpu_s": time.process_time() - start, "wall_s": time.perf_counter() - wall}
+        record["steps"] = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
+        (run_dir / "done.json").write_text(json.dumps(record))
+    record = json.loads((run_dir / "done.json").read_text())
+    run = load_audio_run(run_dir)
+    judge = audio_metrics.digit_classifier(run.sample_rate, run.samples / run.sample_rate)
+    test, train = audio_dataset(run.cfg, "test"), audio_dataset(run.cfg, "train")
+    print(
+        f"\ntrained {record['steps']} steps (batch {run.cfg.batch_size}) in {record['cpu_s']:.0f} CPU s "
+        f"({record['wall_s']:.0f} s wall); {args.per_class * 10} generated clips per row"
+    )
+    print("| sampler | NFE | guidance | grid | digit accuracy | Frechet distance | real-time factor |")
+    print("|---|---|---|---|---|---|---|")
+    real_acc = audio_metrics.accuracy(judge, test.waves, test.labels)
+    real_fd = audio_metrics.feature_distance(judge, test.waves, train.waves)
+    print(f"| (real held-out clips) | | | | {real_acc:.1%} | {real_fd:.2f} (vs training clips) | |")
+    best = None
+    for sampler, nfe, guidance, grid in CONFIGS:
+        torch.manual_seed(0)
+        s = evaluate_audio(
+            run, n=10 * args.per_class, sampler=sampler, nfe=nfe, guidance=guidance, grid=grid, classifier=judge
+        )
+        print(
+            f"| {sampler} | {nfe} | {guidance:g} | {grid or 'tuned'} | {s['accuracy']:.1%} | {s['fd']:.2f} | "
+            f"{s['rtf']:.3f} |",
+            flush=True,
+        )
+        if best is None or s["accuracy"] > best[1]["accuracy"]:
+            best = ((sampler, nfe, guidance, grid), s)
+    (sampler, nfe, guidance, grid), s = best
+    verdict = "met" if s["accuracy"] >= 0.9 else "MISSED"
+    print(f"\nbest accuracy {s['accuracy']:.1%} ({sampler}, {nfe} NFE, guidance {guidance:g}): goal >= 90% {verdict}")
+    verdict = "met" if s["rtf"] < 1 else "MISSED"
+    print(f"its real-time factor {s['rtf']:.3f} at {nfe} NFE: goal < 1 {verdict}")
+
+
+if __name__ == "__main__":
+    main()
