@@ -44,6 +44,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--per-class", type=int, default=10, help="generated clips per digit and config")
+    parser.add_argument(
+        "--net",
+        default='{"residual_channels": 48, "residual_layers": 22, "dilation_cycle": 11}',
+        help="WaveNet settings over the preset (JSON); the default's receptive field spans the whole 1-s clip",
+    )
     args = parser.parse_args()
 
     from unnoise import audio_metrics
@@ -66,6 +71,7 @@ def main() -> None:
             save_every=500,
             log_every=50,
             ema_decay=0.999,
+            extra={"net": json.loads(args.net)},
         )
         start, wall = time.process_time(), time.perf_counter()
         resume = (run_dir / "checkpoints").is_dir()

@@ -69,3 +69,15 @@ def test_eval_prints_accuracy_distance_and_real_time_factor(run, capsys, monkeyp
     assert "Frechet distance" in out and "real-time factor" in out
     one_line_exit_2(main, ["eval", "--run", str(run), "--bpd"], capsys, "--bpd and --fid apply to image runs")
     one_line_exit_2(main, ["eval", "--run", str(run), "--grid", "spiral"], capsys, "unknown grid 'spiral'")
+
+
+@pytest.mark.slow
+def test_audio_demo_writes_wavs_and_spectrograms(tmp_path, capsys):
+    """`unnoise demo audio`, shortened to 2 steps: its files and its printed figures."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    assert main(["demo", "audio", "--steps", "2", "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("digit_*.wav")) == [f"digit_{d}.wav" for d in range(10)]
+    assert (tmp_path / "spectrograms.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "the digit classifier hears" in out and "real-time factor" in out

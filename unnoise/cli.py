@@ -3,7 +3,7 @@
 unnoise train image --data digits --model small --steps 2000 --out RUN [--resume]
 unnoise sample --run RUN --sampler unipc --nfe 20 --guidance 3 --class 7 --n 64 --out FILE
 unnoise eval --run RUN --bpd
-unnoise demo [images|toy|text]
+unnoise demo [images|toy|text|audio]
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a small model on built-in data; write pictures and figures")
     demo.add_argument(
-        "kind", nargs="?", choices=["images", "toy", "text"], default="images", help="default: images (digits)"
+        "kind", nargs="?", choices=["images", "toy", "text", "audio"], default="images", help="default: images (digits)"
     )
     demo.add_argument("--steps", type=_positive_int, default=None, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
@@ -404,6 +404,11 @@ def _demo(args: argparse.Namespace) -> None:
         from unnoise.text_demo import run_text_demo
 
         run_text_demo(args.out, steps=args.steps, seed=args.seed)
+        return
+    if args.kind == "audio":
+        from unnoise.audio_demo import run_audio_demo
+
+        run_audio_demo(args.out, steps=args.steps, seed=args.seed)
         return
     if args.kind == "images":
         from unnoise.image_demo import run_image_demo

@@ -1,0 +1,62 @@
+"""``unnoise demo audio``: a class-conditional DiffWave on synthesised spoken digits, in minutes on a CPU.
+
+Synthesises the spoken digits once (espeak-ng / flite, about 700 clips at 8 kHz), trains a small
+DiffWave whose receptive field spans the whole 1-s clip for a few minutes, draws one clip per
+digit with classifier-free guidance, and writes RUN (the run folder), digit_<d>.wav and
+spectrograms.png. It prints what the spoken-digit classifier hears in the clips and the real-time
+factor of generation. A few minutes of CPU training give recognisable rhythm and pitch more than
+words; ``benchmarks/audio.py`` trains longer and scores the result.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from unnoise.audio import load_audio_run, sample_audio, train_audio
+from unnoise.audio_io import save_spectrogram_grid, save_wav
+from unnoise.train import TrainConfig
+
+# A DiffWave over the "small" preset with dilations up to 1024 in two cycles: 8,189 samples of
+# receptive field, so every output sample can see the whole word.
+DEMO_NET = {"residual_channels": 48, "residual_layers": 22, "dilation_cycle": 11}
+
+
+def run_audio_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
+    cfg = TrainConfig(
+        data="spoken-digits",
+        model="small",
+        schedule="diffwave",
+        T=200,
+        steps=steps or 150,
+        batch_size=16,
+        lr=5e-4,
+        warmup=20,
+        seed=seed,
+        save_every=10**6,
+        log_every=10,
+        ema_decay=0.99,
+        extra={"net": DEMO_NET},
+    )
+    start = time.perf_counter()
+    train_audio(cfg, out / "run")
+    train_s = time.perf_counter() - start
+    run = load_audio_run(out / "run")
+    start = time.perf_counter()
+    waves, labels = sample_audio(run, n=10, sampler="unipc", nfe=20, guidance=2.0, seed=seed)
+    rtf = (time.perf_counter() - start) / (10 * run.samples / run.sample_rate)
+    for wave, label in zip(waves, labels.tolist(), strict=True):
+        save_wav(out / f"digit_{label}.wav", wave, run.sample_rate)
+    save_spectrogram_grid(out / "spectrograms.png", waves, run.sample_rate)
+    from unnoise import audio_metrics
+
+    judge = audio_metrics.digit_classifier(run.sample_rate, run.samples / run.sample_rate)
+    with torch.no_grad():
+        heard = judge(waves).argmax(1).tolist()
+    accuracy = sum(h == y for h, y in zip(heard, labels.tolist(), strict=True)) / len(heard)
+    print(f"trained {cfg.steps} steps in {train_s:.0f} s; wrote {out}/digit_0.wav .. digit_9.wav and spectrograms.png")
+    print(f"the digit classifier hears {heard} for digits 0..9: {accuracy:.0%} right")
+    print(f"real-time factor of generation (unipc, 20 NFE, guidance 2): {rtf:.2f}")
+    return {"train_seconds": train_s, "accuracy": accuracy, "rtf": rtf}
