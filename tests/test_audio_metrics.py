@@ -217,11 +217,12 @@ def _no_training(*args, **kwargs):
 def test_cache_loads_matching_weights_and_retrains_on_new_data(tmp_path, monkeypatch):
     monkeypatch.setitem(am._RECIPE, "steps", 2)
     w, l = tones((300.0, 900.0, 2000.0), 3)
-    path = tmp_path / "clf.safetensors"
+    path = tmp_path / "clf"
     config = DigitClassifierConfig(channels=(4,), num_classes=3)
     first = am._cached_classifier(w, l, 0.25, config, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf.json", "clf.safetensors"]  # no temp files left
-    sidecar = json.loads(path.with_suffix(".json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temp folders left
+    assert sorted(p.name for p in path.iterdir()) == ["meta.json", "weights.safetensors"]
+    sidecar = json.loads((path / "meta.json").read_text())
     assert sidecar["data"]["clips"] == 9 and sidecar["config"]["channels"] == [4] and sidecar["train"]["steps"] == 2
 
     with monkeypatch.context() as m:
@@ -240,15 +241,16 @@ def test_cache_loads_matching_weights_and_retrains_on_new_data(tmp_path, monkeyp
 def test_cache_never_unpickles_and_retrains_over_a_damaged_file(tmp_path, monkeypatch):
     monkeypatch.setitem(am._RECIPE, "steps", 2)
     w, l = tones((300.0, 900.0, 2000.0), 3)
-    path, config = tmp_path / "clf.safetensors", DigitClassifierConfig(channels=(4,), num_classes=3)
-    am._cached_classifier(w, l, 0.25, config, path)
+    folder, config = tmp_path / "clf", DigitClassifierConfig(channels=(4,), num_classes=3)
+    am._cached_classifier(w, l, 0.25, config, folder)
+    path = folder / "weights.safetensors"
     torch.save(DigitClassifier(config).state_dict(), path)  # a pickle where the weights were
     with pytest.warns(UserWarning, match="pickle"):
-        am._cached_classifier(w, l, 0.25, config, path)
+        am._cached_classifier(w, l, 0.25, config, folder)
     assert path.read_bytes()[:2] != b"PK"  # rewritten as safetensors
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.warns(UserWarning, match="not a valid safetensors"):
-        am._cached_classifier(w, l, 0.25, config, path)
+        am._cached_classifier(w, l, 0.25, config, folder)
 
 
 # ---- the spoken-digit classifier ------------------------------------------------------------------------
@@ -265,7 +267,7 @@ def test_digit_classifier_on_spoken_digits(tmp_path, monkeypatch):
     start = time.perf_counter()
     model = digit_classifier(cache=tmp_path)
     print(f"\ndigit classifier: data + training {time.perf_counter() - start:.1f} s")
-    assert (tmp_path / "digit-classifier-8000hz-1s.safetensors").is_file()
+    assert (tmp_path / "digit-classifier-8000hz-1s" / "weights.safetensors").is_file()
     test = audio_dataset(TrainConfig(data="spoken-digits"), "test")
     held_out = accuracy(model, test.waves, test.labels)
     print(f"digit classifier: held-out spoken-digit accuracy {held_out:.3f} ({len(test)} clips)")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unnoise.checkpoint import _atomic_write_text, _save_tensors, load_model_weights
+from unnoise.checkpoint import load_module, read_module_meta, save_module
 from unnoise.metrics import frechet_distance, gaussian_fit
 
 __all__ = [
@@ -317,11 +317,11 @@ def _fingerprint(waves: Tensor, labels: Tensor, sample_rate: int, seconds: float
 
 
 def _cached_classifier(
-    waves: Tensor, labels: Tensor, seconds: float, config: DigitClassifierConfig, path: Path, progress: bool = False
+    waves: Tensor, labels: Tensor, seconds: float, config: DigitClassifierConfig, folder: Path, progress: bool = False
 ) -> DigitClassifier:
-    """Load ``path`` (``.safetensors`` + ``.json`` sidecar) if the sidecar matches this config, recipe and data;
-    else train and write both. A damaged or mismatched file is retrained over, with a warning."""
-    sidecar = path.with_suffix(".json")
+    """Load the classifier saved in ``folder`` (:func:`unnoise.checkpoint.save_module`) if its meta
+    matches this config, recipe and data; else train one and save it there (atomically, so the
+    weights and their meta always belong together). A damaged file is retrained over, with a warning."""
     expected = {
         "config": dataclasses.asdict(config),
         "train": _RECIPE,
@@ -329,23 +329,17 @@ def _cached_classifier(
     }
     expected = json.loads(json.dumps(expected))  # tuples -> lists, as the file holds them
     try:
-        found = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else None
+        found = read_module_meta(folder)
     except (OSError, ValueError):
         found = None
     if isinstance(found, dict) and all(found.get(k) == v for k, v in expected.items()):
         try:
-            return load_model_weights(path, DigitClassifier(config)).eval()
+            return load_module(folder, DigitClassifier(config)).eval()
         except (OSError, ValueError) as err:
-            warnings.warn(f"retraining the digit classifier: cannot use {path}: {err}", stacklevel=3)
+            warnings.warn(f"retraining the digit classifier: cannot use {folder}: {err}", stacklevel=3)
     start = time.perf_counter()
     model = train_digit_classifier(waves, labels, config=config, **_RECIPE, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The sidecar goes first and comes back last: weights without a matching sidecar are never loaded.
-    sidecar.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _save_tensors(tmp, model.state_dict())
-    os.replace(tmp, path)
-    _atomic_write_text(sidecar, json.dumps({**expected, "train_seconds": time.perf_counter() - start}, indent=2))
+    save_module(folder, model, {**expected, "train_seconds": time.perf_counter() - start})
     return model
 
 
@@ -356,8 +350,8 @@ def digit_classifier(
 
     Trained once (about half a minute on one CPU thread) on the train split of the synthesised spoken
     digits (``unnoise.audio.audio_dataset``, 90% of 690 clips), then cached in ``cache`` (default
-    ``~/.cache/unnoise``) as ``digit-classifier-<rate>hz-<seconds>s.safetensors`` with a JSON sidecar
-    holding the config, the training recipe and a fingerprint of the data; a later call loads it,
+    ``~/.cache/unnoise``) as the folder ``digit-classifier-<rate>hz-<seconds>s`` (weights.safetensors and
+    meta.json: the config, the training recipe and a fingerprint of the data); a later call loads it,
     and retrains if any of those differ.
     """
     from unnoise.audio import audio_dataset
@@ -369,7 +363,7 @@ def digit_classifier(
     extra = {"sample_rate": sample_rate, "seconds": float(seconds)}
     data = audio_dataset(TrainConfig(data="spoken-digits", extra=extra), "train")
     folder = Path(cache) if cache is not None else Path.home() / ".cache" / "unnoise"
-    path = folder / f"digit-classifier-{sample_rate}hz-{float(seconds):g}s.safetensors"
+    path = folder / f"digit-classifier-{sample_rate}hz-{float(seconds):g}s"
     return _cached_classifier(
         data.waves, data.labels, float(seconds), DigitClassifierConfig.for_rate(sample_rate), path, progress
     )

@@ -26,7 +26,7 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -287,6 +287,56 @@ def _step_folder(path: Path) -> Path:
     return step
 
 
+def _write_folder(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Create or replace the folder ``final`` atomically: ``fill`` a temporary folder beside it,
+    fsync, then rename; an existing ``final`` is moved aside first and dropped after. A reader sees
+    the old folder or the new one, never a mix; a crash leaves at most a ``.tmp-`` folder."""
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")  # mkdir, not mkdtemp: keep the umask's permissions
+    aside = final.with_name(f".tmp-{final.name}-old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        _fsync(tmp)
+        if final.exists():
+            os.replace(final, aside)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside.exists() and not final.exists():
+            os.replace(aside, final)
+        raise
+    _fsync(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    return final
+
+
+def save_module(folder: str | os.PathLike, module: nn.Module, meta: Mapping[str, Any]) -> Path:
+    """Write FOLDER/weights.safetensors and FOLDER/meta.json (config, metrics, provenance: JSON
+    values) atomically, replacing any earlier FOLDER. For small auxiliary networks (classifiers)
+    that live beside a run or in a cache; :func:`load_module` reads them back."""
+    text = json.dumps(dict(meta), indent=2, ensure_ascii=False) + "\n"
+
+    def fill(tmp: Path) -> None:
+        _save_tensors(tmp / "weights.safetensors", module.state_dict())
+        _write_text(tmp / "meta.json", text)
+
+    return _write_folder(Path(folder), fill)
+
+
+def read_module_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """FOLDER/meta.json written by :func:`save_module` (FileNotFoundError if there is none)."""
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved module in {folder} (missing {path.name})")
+    return _read_json(path)
+
+
+def load_module(folder: str | os.PathLike, module: nn.Module) -> nn.Module:
+    """Load FOLDER/weights.safetensors into ``module`` (names and shapes checked; never unpickles)."""
+    return load_model_weights(Path(folder) / "weights.safetensors", module)
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -310,10 +360,8 @@ def save_checkpoint(
     for stale in root.glob(".tmp-step_*"):  # left by a crashed save
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:08d}"
-    tmp = root / f".tmp-{name}-{os.getpid()}"  # mkdir, not mkdtemp: keep the umask's permissions
-    tmp.mkdir()
-    final, aside = root / name, root / f".tmp-{name}-old"
-    try:
+
+    def fill(tmp: Path) -> None:
         _save_tensors(tmp / "model.safetensors", model.state_dict())
         if ema is not None:
             _save_tensors(tmp / "ema.safetensors", ema.state_dict())
@@ -321,18 +369,9 @@ def save_checkpoint(
             _save_tree(tmp, "optimizer", optimizer.state_dict())
         _save_tree(tmp, "rng", rng_state(generators))
         _save_tree(tmp, "state", {**(state or {}), "step": step})
-        _fsync(tmp)
-        if final.exists():  # re-saving a step (a resumed run passing it again): move the old one aside
-            os.replace(final, aside)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside.exists() and not final.exists():
-            os.replace(aside, final)
-        raise
-    _fsync(root)
+
+    final = _write_folder(root / name, fill)  # re-saving a step (a resumed run passing it again) replaces it
     _atomic_write_text(root / "latest", name + "\n")
-    shutil.rmtree(aside, ignore_errors=True)
     if keep is not None:  # older steps only: folders from an abandoned later trajectory are left alone
         older = [p for p in _step_folders(root) if int(p.name[5:]) < step]
         for p in older[: max(len(older) - (keep - 1), 0)]:

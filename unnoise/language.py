@@ -146,6 +146,7 @@ class TextRun:
     tokenizer: Tokenizer
     schedule: DiscreteSchedule
     cfg: TrainConfig
+    run_dir: Path | None = None  # where it was loaded from (RUN/control holds its attribute classifier)
 
     @property
     def seq_len(self) -> int:
@@ -163,7 +164,7 @@ def load_text_run(run_dir: str | Path) -> TextRun:
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: train first (unnoise train text ...)")
     load_model_weights(step, model, which="ema")
-    return TextRun(model.eval(), tokenizer, make_schedule(cfg.schedule, cfg.T), cfg)
+    return TextRun(model.eval(), tokenizer, make_schedule(cfg.schedule, cfg.T), cfg, Path(run_dir))
 
 
 def parse_template(run: TextRun, template: str) -> tuple[Tensor, Tensor]:
