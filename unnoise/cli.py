@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     train = sub.add_parser("train", help="train a model; writes a run folder (config, safetensors weights, log)")
-    train.add_argument("modality", choices=["image", "text", "audio"])
+    train.add_argument(
+        "modality",
+        choices=["image", "text", "audio", "control"],
+        help="control: the attribute classifier of the text run in --out (for sample text --control)",
+    )
     train.add_argument(
         "--data",
         default=None,
@@ -85,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--template", default=None, help='text: fill the blanks, e.g. "the ___ is near the ___ ."')
     sample.add_argument(
         "--mr", default=None, help='text: data-to-text from an E2E MR, e.g. "name[Aromi], food[Chinese]"'
+    )
+    sample.add_argument(
+        "--control",
+        action="append",
+        default=None,
+        metavar="FIELD=VALUE",
+        help='text: steer toward an E2E attribute, e.g. --control food=Chinese (repeatable; needs "train control")',
+    )
+    sample.add_argument(
+        "--control-scale", type=_nonnegative_float, default=3.0, help="text: classifier-guidance scale of --control"
     )
     sample.add_argument("--sampler", default="unipc", help=f"one of: {', '.join(SAMPLERS)}")
     sample.add_argument("--nfe", type=_positive_int, default=20, help="denoiser evaluations")
@@ -195,6 +209,12 @@ def _train(args: argparse.Namespace) -> None:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"unknown settings {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    if args.modality == "control":
+        from unnoise.text_control import train_control
+
+        train_control(args.out, steps=args.steps or 2000, seed=args.seed or 0)
+        _say(f"trained the attribute classifier; wrote {args.out / 'control'}")
+        return
     if args.modality == "audio":
         from unnoise.audio import train_audio
 
@@ -253,7 +273,7 @@ def _sample_audio(args: argparse.Namespace) -> None:
     from unnoise.audio import load_audio_run, sample_audio
     from unnoise.audio_io import save_spectrogram_grid, save_wav
 
-    if args.template is not None or args.mr is not None or args.trajectory or args.eta is not None:
+    if args.template is not None or args.mr is not None or args.control or args.trajectory or args.eta is not None:
         raise ValueError("audio runs take --class, --guidance, --n, --sampler, --nfe, --grid, --seed")
     run = load_audio_run(args.run)
     waves, labels = sample_audio(
@@ -281,20 +301,38 @@ def _sample_text(args: argparse.Namespace) -> None:
             "text runs take --template, --mr, --guidance, --n, --sampler, --nfe, --seed; not --class/--eta/--grid"
         )
     run = load_text_run(args.run)
-    lines = sample_text(
-        run,
-        n=args.n,
-        sampler=args.sampler,
-        nfe=args.nfe,
-        template=args.template,
-        mr=args.mr,
-        guidance=args.guidance,
-        seed=args.seed,
-    )
+    if args.control:
+        lines = _sample_controlled(args, run)
+    else:
+        lines = sample_text(
+            run,
+            n=args.n,
+            sampler=args.sampler,
+            nfe=args.nfe,
+            template=args.template,
+            mr=args.mr,
+            guidance=args.guidance,
+            seed=args.seed,
+        )
     out = args.out if args.out.suffix in (".txt", ".jsonl") else args.out.with_name(args.out.name + ".txt")
     print(f"wrote {save_sentences(out, lines)}")
     for line in lines[:5]:
         print("  ", line)
+
+
+def _sample_controlled(args: argparse.Namespace, run) -> list[str]:
+    from unnoise.text_control import sample_controlled
+
+    if args.template is not None or args.mr is not None:
+        raise ValueError("--control steers unconditional generation; it does not combine with --template or --mr")
+    control = {}
+    for item in args.control:
+        field, sep, value = item.partition("=")
+        if not sep or not field.strip() or not value.strip():
+            raise ValueError(f"--control takes FIELD=VALUE (e.g. food=Chinese), got {item!r}")
+        control[field.strip()] = value.strip()
+    options = dict(n=args.n, sampler=args.sampler, nfe=args.nfe, scale=args.control_scale, seed=args.seed)
+    return sample_controlled(run, control, **options)
 
 
 def _sample_image(args: argparse.Namespace) -> None:
@@ -302,8 +340,8 @@ def _sample_image(args: argparse.Namespace) -> None:
     from unnoise.images_io import save_grid, save_npz, save_trajectory
     from unnoise.imaging import load_run, sample_images_sharded
 
-    if args.template is not None or args.mr is not None:
-        raise ValueError("--template and --mr apply to text runs")
+    if args.template is not None or args.mr is not None or args.control:
+        raise ValueError("--template, --mr and --control apply to text runs")
     options = {}
     if args.eta is not None:
         with_eta = ("ddim", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde")
