@@ -62,7 +62,7 @@ def train_images(
     torch.manual_seed(cfg.seed)
     data = dataset(cfg, "train")
     cfg.extra["class_names"] = list(data.class_names)
-    net = build_net(cfg, data).to(memory_format=torch.channels_last)
+    net = build_net(cfg, data)  # contiguous: channels-last makes GroupNorm 10-40x slower on CPU (torch 2.13)
     null = net.config.num_classes
 
     def on_sample(ema: UNet, step: int) -> None:
