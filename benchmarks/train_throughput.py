@@ -6,7 +6,7 @@ configuration runs in its own process (so peak RSS is its own) and prints images
 loss over the last steps, peak memory, and the FLOP utilisation against the machine's measured
 fp32 and bf16 matmul peaks.
 
-Run: python benchmarks/train_throughput.py [--steps 60]   (needs apt-get install dataset-fashion-mnist)
+Run: python benchmarks/train_throughput.py [--steps 60] [--threads 1]   (needs apt-get install dataset-fashion-mnist)
 """
 
 from __future__ import annotations
@@ -120,8 +120,11 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 10, trials: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(run_one(args.one, args.steps)))
         return
@@ -130,7 +133,10 @@ def main() -> None:
     rows = []
     for name in CONFIGS:
         out = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--steps", str(args.steps)], capture_output=True, text=True
+            [sys.executable, __file__, "--one", name, "--steps", str(args.steps)]
+            + (["--threads", str(args.threads)] if args.threads else []),
+            capture_output=True,
+            text=True,
         )
         if out.returncode:
             print(f"{name}: failed: {out.stderr.strip().splitlines()[-1]}")
