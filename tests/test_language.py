@@ -114,3 +114,9 @@ def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     _one_line_exit_2([*steer, "--control", "colour=red"], capsys, "colour")
     _one_line_exit_2([*steer, "--control", "food=Martian"], capsys, "Martian")
     _one_line_exit_2([*steer, "--control", "food=Chinese", "--mr", mr], capsys, "does not combine with --template")
+    # unnoise eval on a conditional text run: fluency figures and data-to-text BLEU.
+    capsys.readouterr()
+    assert main(["eval", "--run", str(tmp_path / "run"), "--n", "4", "--nfe", "3", "--sampler", "euler"]) == 0
+    out = capsys.readouterr().out
+    assert "Kneser-Ney trigram perplexity" in out and "distinct-2" in out and "data-to-text BLEU on" in out
+    _one_line_exit_2(["eval", "--run", str(tmp_path / "run"), "--bpd"], capsys, "do not apply to text runs")

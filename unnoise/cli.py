@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--trajectory", type=Path, default=None, help="also write x_t and predicted x0 per step")
 
     ev = sub.add_parser(
-        "eval", help="evaluate a run: images --bpd / --fid N; audio: digit accuracy, Frechet distance, real-time factor"
+        "eval",
+        help="evaluate a run: images --bpd / --fid N; text: perplexity, distinct-2, BLEU; "
+        "audio: digit accuracy, Frechet distance, real-time factor",
     )
     ev.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help=_RUN_HELP)
     ev.add_argument("--bpd", action="store_true", help="test-set negative ELBO in bits/dim")
@@ -393,12 +395,7 @@ def _eval(args: argparse.Namespace) -> None:
     from unnoise.checkpoint import load_config
 
     kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
-    if kind == "audio":
-        _eval_audio(args)
-    elif kind == "image":
-        _eval_image(args)
-    else:
-        raise ValueError(f"{args.run} is a {kind} run: unnoise eval takes image and audio runs")
+    {"audio": _eval_audio, "text": _eval_text}.get(kind, _eval_image)(args)
 
 
 def _eval_image(args: argparse.Namespace) -> None:
@@ -414,6 +411,30 @@ def _eval_image(args: argparse.Namespace) -> None:
         sampling = dict(sampler=args.sampler, nfe=args.nfe, guidance=args.guidance, seed=args.seed)
         score = eval_fid(run, n=args.fid, **sampling, **({"grid": args.grid} if args.grid else {}))
         _say(f"FID@{args.fid} vs the test split ({args.sampler}, {args.nfe} NFE): {score:.2f}")
+
+
+def _eval_text(args: argparse.Namespace) -> None:
+    from unnoise import distributed
+    from unnoise.language import evaluate_text, load_text_run
+
+    if args.bpd or args.fid or args.grid:
+        raise ValueError("--bpd, --fid and --grid do not apply to text runs (bits/token is not implemented yet)")
+    if not distributed.current().main:
+        return  # not sharded: rank 0 generates and scores
+    sampler = args.sampler if args.sampler != "unipc" else "dpmpp_2m"  # text's default sampler
+    n = args.n or 200
+    s = evaluate_text(
+        load_text_run(args.run), n=n, sampler=sampler, nfe=args.nfe, guidance=args.guidance, seed=args.seed
+    )
+    print(f"{n} generated sentences ({sampler}, {args.nfe} NFE) against the held-out real ones:")
+    ppl = f"{s['ppl_generated']:.1f} vs {s['ppl_held_out']:.1f} (ratio {s['ppl_ratio']:.2f})"
+    print(f"  Kneser-Ney trigram perplexity: {ppl}")
+    print(
+        f"  distinct-2: {s['distinct2_generated']:.3f} vs {s['distinct2_held_out']:.3f} "
+        f"(ratio {s['distinct2_ratio']:.2f})"
+    )
+    if "bleu" in s:
+        print(f"  data-to-text BLEU on {s['bleu_mrs']:.0f} held-out MRs (guidance {args.guidance:g}): {s['bleu']:.4f}")
 
 
 def _eval_audio(args: argparse.Namespace) -> None:

@@ -257,3 +257,42 @@ def fluency(run: TextRun, generated: list[str]) -> dict[str, float]:
         "distinct2_generated": distinct_n(fake, 2),
         "distinct2_held_out": distinct_n(real, 2),
     }
+
+
+def evaluate_text(
+    run: TextRun,
+    *,
+    n: int = 200,
+    sampler: str = "dpmpp_2m",
+    nfe: int = 50,
+    guidance: float = 1.0,
+    mrs: int = 50,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The text issue's figures for a run: :func:`fluency` of ``n`` unconditional samples (with the
+    ratios the goals are stated in), and, for runs conditioned on E2E meaning representations,
+    corpus BLEU of data-to-text on up to ``mrs`` held-out MRs (one sentence each, scored against
+    all the references of that MR; MRs with an item the model never saw are skipped)."""
+    from unnoise.text_metrics import bleu
+
+    scores = fluency(run, sample_text(run, n=n, sampler=sampler, nfe=nfe, seed=seed))
+    scores["ppl_ratio"] = scores["ppl_generated"] / scores["ppl_held_out"]
+    scores["distinct2_ratio"] = scores["distinct2_generated"] / scores["distinct2_held_out"]
+    vocab = set(run.cfg.extra.get("mr_vocab") or [])
+    if not vocab:
+        return scores
+    texts, held_mrs = text_data(run.cfg, "held_out")
+    references: dict[str, list[list[str]]] = {}
+    for text, mr in zip(texts, held_mrs or [], strict=True):
+        if set(mr_tokens(mr)) <= vocab:
+            references.setdefault(", ".join(f"{k}[{v}]" for k, v in mr.items()), []).append(tokenize(text))
+    chosen = sorted(references)[:mrs]
+    if chosen:
+        hypotheses = [
+            tokenize(sample_text(run, n=1, sampler=sampler, nfe=nfe, mr=mr, guidance=guidance, seed=seed + i)[0])
+            or ["<unk>"]  # an empty sentence still counts, with no matches
+            for i, mr in enumerate(chosen)
+        ]
+        scores["bleu"] = bleu(hypotheses, [references[mr] for mr in chosen])
+        scores["bleu_mrs"] = float(len(chosen))
+    return scores
