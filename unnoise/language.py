@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,8 +111,18 @@ def objective(cfg: TrainConfig, schedule: DiscreteSchedule) -> Objective:
     return loss
 
 
-def train_text(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> DiffusionLM:
-    """Train on ``cfg.data``; tokenizer, MR vocabulary and network sizes go into the run's config.json."""
+def train_text(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    stop: Callable[[int], bool] | None = None,
+) -> DiffusionLM:
+    """Train on ``cfg.data``; tokenizer, MR vocabulary and network sizes go into the run's config.json.
+
+    ``stop(step)`` may end training early (see :func:`unnoise.train.train`).
+    """
     torch.manual_seed(cfg.seed)
     text, mrs = text_data(cfg, "train")
     tokenizer = Tokenizer.build(text)
@@ -137,7 +148,7 @@ def train_text(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, p
     ids = tokenizer.encode_batch(text, seq_len)
     cond = encode_mrs(mrs, cond_vocab) if conditional else torch.full((len(ids),), -1)
     loss_fn = objective(cfg, make_schedule(cfg.schedule, cfg.T))
-    return train(cfg, run_dir, model, ids, cond, loss_fn=loss_fn, resume=resume, progress=progress)
+    return train(cfg, run_dir, model, ids, cond, loss_fn=loss_fn, resume=resume, progress=progress, stop=stop)
 
 
 @dataclass
@@ -245,17 +256,20 @@ def save_sentences(path: str | Path, lines: list[str]) -> Path:
 
 def fluency(run: TextRun, generated: list[str]) -> dict[str, float]:
     """Perplexity under a Kneser-Ney trigram LM fitted on the training sentences (the "lm-score"
-    idea without a download), for generated and held-out real text, and their distinct-2."""
+    idea without a download), for generated and held-out real text, and their distinct-2 (the
+    real text's on as many sentences as were generated, since distinct-n depends on corpus size)."""
     from unnoise.text_metrics import KneserNeyLM, distinct_n
 
     lm = KneserNeyLM(order=3).fit([tokenize(s) for s in sentences(run.cfg, "train")])
     real = [tokenize(s) for s in sentences(run.cfg, "held_out")]
     fake = [tokenize(s) for s in generated if s.strip()] or [["<unk>"]]
+    # distinct-n falls as a corpus grows: compare equal numbers of sentences (a fixed random subset).
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[: len(fake)].tolist()
     return {
         "ppl_generated": lm.perplexity(fake),
         "ppl_held_out": lm.perplexity(real),
         "distinct2_generated": distinct_n(fake, 2),
-        "distinct2_held_out": distinct_n(real, 2),
+        "distinct2_held_out": distinct_n([real[i] for i in pick], 2),
     }
 
 
