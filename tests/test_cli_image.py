@@ -39,6 +39,7 @@ def test_class_and_eta(run, tmp_path):
 def test_eval_bpd(run, capsys):
     assert main(["eval", "--run", str(run), "--bpd", "--n", "8"]) == 0
     assert "bits/dim" in capsys.readouterr().out
+    one_line_exit_2(main, ["eval", "--run", str(run)], capsys, "say what to evaluate; allowed: --bpd")
 
 
 def _one_line_exit_2(argv, capsys, match):
@@ -98,7 +99,7 @@ def test_guidance_on_an_unconditional_model(tmp_path, capsys):
     [
         (["train", "image", "--data", "mnist", "--out", "x"], "mnist"),
         (["train", "image", "--model", "huge", "--steps", "1", "--out", "x"], "unknown U-Net preset 'huge'"),
-        (["eval", "--run", "x"], "allowed: --bpd"),
+        (["eval", "--run", "x"], "no run folder at x"),
     ],
 )
 def test_bad_train_and_eval_input(argv, match, capsys, tmp_path, monkeypatch):
