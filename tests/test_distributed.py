@@ -61,6 +61,16 @@ def test_draws_of_the_ranks_are_one_process_draws():
     assert torch.equal(parts[0][0][:4], whole[:4])
 
 
+def test_what_counts_as_another_process_failing(monkeypatch):
+    reset = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer.")
+    assert distributed.is_group_failure(distributed.Stopped("stopped by the launcher (SIGTERM)"))
+    assert not distributed.is_group_failure(reset)  # one process: no group to fail
+    monkeypatch.setattr(distributed, "current", lambda: Shard(0, 2))
+    assert distributed.is_group_failure(reset)
+    assert not distributed.is_group_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not distributed.is_group_failure(ValueError("gloo"))
+
+
 # --- several processes ------------------------------------------------------------------------
 
 

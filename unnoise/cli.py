@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unnoise {args.command}: error: {e}", file=sys.stderr)
         return 2
     except distributed.GROUP_FAILURES as e:
+        if not distributed.is_group_failure(e):
+            raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(
             f"unnoise {args.command}: error: rank {shard.rank} of {shard.world}: {reason}: another process of "

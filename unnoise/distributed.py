@@ -144,8 +144,18 @@ def stop_on_sigterm() -> None:
 
 
 # What a process sees when another process of its group dies: the launcher's SIGTERM, or (when
-# the launcher has not noticed yet, e.g. on another node) a failed collective.
-GROUP_FAILURES: tuple[type[BaseException], ...] = (Stopped, dist.DistError)
+# the launcher has not noticed yet, e.g. on another node) a failed collective. Inside backward,
+# gloo's and nccl's errors reach Python as plain RuntimeErrors, told apart by their text.
+GROUP_FAILURES: tuple[type[BaseException], ...] = (Stopped, dist.DistError, RuntimeError)
+_BACKEND_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "processgroup", "broken pipe")
+
+
+def is_group_failure(error: BaseException) -> bool:
+    """Whether ``error`` means another process of the group has failed (not a bug of this one)."""
+    if isinstance(error, (Stopped, dist.DistError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and current().world > 1 and any(w in text for w in _BACKEND_WORDS)
 
 
 class Draws:
@@ -185,6 +195,7 @@ __all__ = [
     "device",
     "gather_rows",
     "init",
+    "is_group_failure",
     "launched",
     "map_chunks",
     "mean",
