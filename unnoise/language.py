@@ -225,15 +225,19 @@ def sample_text(
     guidance: float = 1.0,
     clamp: bool = True,
     seed: int = 0,
+    steer: Callable | None = None,
 ) -> list[str]:
     """``n`` sentences; with a template, its blanks (``___``) filled in and its words kept; with a
     meaning representation (E2E syntax, ``"name[Alimentum], food[Chinese]"``), data-to-text,
-    classifier-free guided with scale ``guidance`` (1: plain conditional)."""
+    classifier-free guided with scale ``guidance`` (1: plain conditional). ``steer(D) -> D``
+    wraps the denoiser before clamping (attribute control, :mod:`unnoise.text_control`)."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     E, L = run.model.embedding.dim, run.seq_len
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
     x = torch.stack([torch.randn(L, E, generator=g) for g in generators]) * s_max
     D = _denoiser(run, n, mr, guidance)
+    if steer is not None:
+        D = steer(D)
     if clamp:
         D = clamping(D, run.model.embedding)
     if template is not None:

@@ -30,14 +30,13 @@ from torch import Tensor, nn
 from unnoise.checkpoint import load_module, read_module_meta, save_module
 from unnoise.diffusion import expand
 from unnoise.guidance import LogProb
-from unnoise.language import TextRun, load_text_run, text_data
+from unnoise.language import TextRun, load_text_run, sample_text, text_data
 from unnoise.nets.layers import timestep_embedding
 from unnoise.nets.transformer import Block
 from unnoise.samplers import Denoiser
-from unnoise.sampling import sample as run_sampler
 from unnoise.schedules import DiscreteSchedule
 from unnoise.text_control_metrics import ABSENT, CONTROL_FIELDS, Judge, control_success, mentions, train_judge
-from unnoise.text_diffusion import WordEmbedding, clamping, text_denoiser
+from unnoise.text_diffusion import WordEmbedding
 
 __all__ = [
     "ABSENT",
@@ -368,15 +367,8 @@ def sample_controlled(
             f"{(run.model.embedding.dim, run.seq_len)}: train it for this run"
         )
     log_prob = control_log_prob(classifier, control)
-    generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
-    x = torch.stack([torch.randn(run.seq_len, c.embed_dim, generator=g) for g in generators]) * s_max
-    D = text_denoiser(run.model.net, run.schedule, None)
-    if scale != 0:  # controlled() rejects a negative scale
-        D = controlled(D, log_prob, scale=scale, fluency=fluency, steps=steps)
-    if clamp:  # after the control: snap the guided estimate to words (see controlled)
-        D = clamping(D, run.model.embedding)
-    out = run_sampler(
-        D, x, sampler=sampler, nfe=nfe, sigma_max=s_max, sigma_min=s_min, generator=generators, schedule=run.schedule
-    )
-    return [run.tokenizer.decode(row) for row in run.model.embedding.round(out)]
+
+    def steer(D: Denoiser) -> Denoiser:  # clamping comes after the control (see controlled)
+        return controlled(D, log_prob, scale=scale, fluency=fluency, steps=steps) if scale != 0 else D
+
+    return sample_text(run, n=n, sampler=sampler, nfe=nfe, clamp=clamp, seed=seed, steer=steer)
