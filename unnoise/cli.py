@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--n", "--count", dest="n", type=_positive_int, default=None, help="--bpd: only the first N test images"
     )
     ev.add_argument("--fid", type=_positive_int, default=None, metavar="N", help="FID of N samples vs the test split")
-    ev.add_argument("--sampler", default="unipc", help="--fid: the sampler")
+    ev.add_argument("--sampler", default=None, help="the sampler (default: unipc; dpmpp_2m for text)")
     ev.add_argument("--nfe", type=_positive_int, default=20, help="--fid: denoiser evaluations per sample")
     ev.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="--fid: classifier-free guidance")
     ev.add_argument("--grid", default=None, help=_GRID_HELP)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if shard.main:  # every rank meets the same bad input: one line
             print(f"unnoise {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except distributed.GROUP_FAILURES as e:
+    except (distributed.Stopped, RuntimeError) as e:  # DistError is a RuntimeError
         if not distributed.is_group_failure(e):
             raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -397,6 +397,7 @@ def _eval(args: argparse.Namespace) -> None:
     from unnoise.checkpoint import load_config
 
     kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
+    args.sampler = args.sampler or ("dpmpp_2m" if kind == "text" else "unipc")
     {"audio": _eval_audio, "text": _eval_text}.get(kind, _eval_image)(args)
 
 
@@ -423,12 +424,11 @@ def _eval_text(args: argparse.Namespace) -> None:
         raise ValueError("--bpd, --fid and --grid do not apply to text runs (bits/token is not implemented yet)")
     if not distributed.current().main:
         return  # not sharded: rank 0 generates and scores
-    sampler = args.sampler if args.sampler != "unipc" else "dpmpp_2m"  # text's default sampler
     n = args.n or 200
     s = evaluate_text(
-        load_text_run(args.run), n=n, sampler=sampler, nfe=args.nfe, guidance=args.guidance, seed=args.seed
+        load_text_run(args.run), n=n, sampler=args.sampler, nfe=args.nfe, guidance=args.guidance, seed=args.seed
     )
-    print(f"{n} generated sentences ({sampler}, {args.nfe} NFE) against the held-out real ones:")
+    print(f"{n} generated sentences ({args.sampler}, {args.nfe} NFE) against the held-out real ones:")
     ppl = f"{s['ppl_generated']:.1f} vs {s['ppl_held_out']:.1f} (ratio {s['ppl_ratio']:.2f})"
     print(f"  Kneser-Ney trigram perplexity: {ppl}")
     print(

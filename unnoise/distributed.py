@@ -146,7 +146,6 @@ def stop_on_sigterm() -> None:
 # What a process sees when another process of its group dies: the launcher's SIGTERM, or (when
 # the launcher has not noticed yet, e.g. on another node) a failed collective. Inside backward,
 # gloo's and nccl's errors reach Python as plain RuntimeErrors, told apart by their text.
-GROUP_FAILURES: tuple[type[BaseException], ...] = (Stopped, dist.DistError, RuntimeError)
 _BACKEND_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "processgroup", "broken pipe")
 
 
@@ -185,7 +184,6 @@ class Draws:
 
 
 __all__ = [
-    "GROUP_FAILURES",
     "Draws",
     "Stopped",
     "Shard",
