@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 import torch
@@ -53,11 +51,10 @@ def main() -> None:
 
     from unnoise import audio_metrics
     from unnoise.audio import audio_dataset, evaluate_audio, load_audio_run, train_audio
-    from unnoise.train import TrainConfig
+    from unnoise.train import CPUBudget, TrainConfig
 
     out = Path(args.out)
     run_dir = out / "run"
-    budget = args.minutes * 60 * (os.cpu_count() or 1)
     if not (run_dir / "done.json").exists():
         cfg = TrainConfig(
             data="spoken-digits",
@@ -73,10 +70,9 @@ def main() -> None:
             ema_decay=0.995,  # a short run: average its last few hundred steps, not the early ones
             extra={"net": json.loads(args.net)},
         )
-        start, wall = time.process_time(), time.perf_counter()
-        resume = (run_dir / "checkpoints").is_dir()
-        train_audio(cfg, run_dir, resume=resume, stop=lambda step: time.process_time() - start >= budget)
-        record = {"cpu_s": time.process_time() - start, "wall_s": time.perf_counter() - wall}
+        budget = CPUBudget(args.minutes)
+        train_audio(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget)
+        record = budget.used()
         record["steps"] = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
         (run_dir / "done.json").write_text(json.dumps(record))
     record = json.loads((run_dir / "done.json").read_text())

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import time
 from pathlib import Path
 
 
@@ -36,11 +34,10 @@ def main() -> None:
 
     from unnoise.language import evaluate_text, load_text_run, train_text
     from unnoise.text_control import control_success, load_classifier, sample_controlled, train_control, train_judge
-    from unnoise.train import TrainConfig
+    from unnoise.train import CPUBudget, TrainConfig
 
     out = Path(args.out)
     run_dir = out / "run"
-    budget = args.minutes * 60 * (os.cpu_count() or 1)
     if not (run_dir / "done.json").exists():
         cfg = TrainConfig(
             data="e2e",
@@ -55,10 +52,9 @@ def main() -> None:
             ema_decay=0.999,
             extra={"embed_dim": 16, "seq_len": 48},
         )
-        start, wall = time.process_time(), time.perf_counter()
-        resume = (run_dir / "checkpoints").is_dir()
-        train_text(cfg, run_dir, resume=resume, stop=lambda step: time.process_time() - start >= budget)
-        record = {"cpu_s": time.process_time() - start, "wall_s": time.perf_counter() - wall}
+        budget = CPUBudget(args.minutes)
+        train_text(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget)
+        record = budget.used()
         record["steps"] = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
         (run_dir / "done.json").write_text(json.dumps(record))
     record = json.loads((run_dir / "done.json").read_text())

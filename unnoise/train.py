@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -87,6 +88,21 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # index into this epoch's permutation
+
+
+class CPUBudget:
+    """A training budget in process CPU seconds: ``minutes`` of all the machine's cores. Other load
+    on the machine slows a run but does not shorten it. Pass it as ``train(stop=...)``."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60 * (os.cpu_count() or 1)
+        self.start, self.wall = time.process_time(), time.perf_counter()
+
+    def __call__(self, step: int) -> bool:
+        return time.process_time() - self.start >= self.seconds
+
+    def used(self) -> dict[str, float]:
+        return {"cpu_s": time.process_time() - self.start, "wall_s": time.perf_counter() - self.wall}
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
