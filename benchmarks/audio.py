@@ -44,9 +44,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10, help="generated clips per digit and config")
     parser.add_argument(
         "--net",
-        default='{"residual_channels": 48, "residual_layers": 22, "dilation_cycle": 11}',
+        default='{"residual_channels": 32, "residual_layers": 22, "dilation_cycle": 11}',
         help="WaveNet settings over the preset (JSON); the default's receptive field spans the whole 1-s clip",
     )
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 autocast, 1.5x faster)")
     args = parser.parse_args()
 
     from unnoise import audio_metrics
@@ -67,7 +68,8 @@ def main() -> None:
             steps=10**7,
             save_every=500,
             log_every=50,
-            ema_decay=0.995,  # a short run: average its last few hundred steps, not the early ones
+            ema_decay=0.995,
+            bf16=not args.fp32,  # a short run: average its last few hundred steps, not the early ones
             extra={"net": json.loads(args.net)},
         )
         budget = CPUBudget(args.minutes)

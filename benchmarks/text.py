@@ -29,6 +29,12 @@ def main() -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--control-steps", type=int, default=3000, help="attribute-classifier training steps")
     parser.add_argument("--scale", type=float, default=3.0, help="control guidance scale")
+    parser.add_argument(
+        "--net",
+        default='{"width": 128, "depth": 8}',
+        help="transformer settings over the preset (JSON); the default trades width for 6x the steps of 'small'",
+    )
+    parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 autocast)")
     parser.add_argument("--n", type=int, default=50, help="samples per food value and for fluency (x4)")
     args = parser.parse_args()
 
@@ -50,7 +56,8 @@ def main() -> None:
             save_every=1000,
             log_every=50,
             ema_decay=0.999,
-            extra={"embed_dim": 16, "seq_len": 48},
+            bf16=not args.fp32,
+            extra={"embed_dim": 16, "seq_len": 48, "net": json.loads(args.net)},
         )
         budget = CPUBudget(args.minutes)
         train_text(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget)
