@@ -119,4 +119,7 @@ def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "run"), "--n", "4", "--nfe", "3", "--sampler", "euler"]) == 0
     out = capsys.readouterr().out
     assert "Kneser-Ney trigram perplexity" in out and "distinct-2" in out and "data-to-text BLEU on" in out
-    _one_line_exit_2(["eval", "--run", str(tmp_path / "run"), "--bpd"], capsys, "do not apply to text runs")
+    assert main(["eval", "--run", str(tmp_path / "run"), "--bpd", "--n", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "bits/token" in out and "given each sentence's meaning representation" in out
+    _one_line_exit_2(["eval", "--run", str(tmp_path / "run"), "--fid", "10"], capsys, "do not apply to text runs")

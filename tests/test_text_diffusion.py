@@ -181,3 +181,97 @@ def test_infill_keeps_known_positions_and_noises_the_input():
         infill(denoise, mask.long(), known)
     with pytest.raises(ValueError, match="known must have shape"):
         infill(denoise, mask, known[:, :-1])
+
+
+# --- the text ELBO (bits/token) ---------------------------------------------------------------
+
+
+def _gaussian_case(T: int = 40, L: int = 3, E: int = 4):
+    """One word, so -log p(w) = 0 and x0 ~ N(EMB(w), sigma0^2 I) is Gaussian: the optimal network,
+    E[x0 | x_t], and the expected value of every term of the bound are closed forms."""
+    schedule = make_schedule("sqrt", T)
+    emb = WordEmbedding(1, E).double()
+    with torch.no_grad():
+        emb.weight.copy_(torch.linspace(-1.0, 2.0, E, dtype=torch.float64))
+    ab = schedule.alpha_bar
+    v0 = 1 - ab[1]
+    mu = emb.weight[0]
+
+    def net(x_t, t, cond):  # exact posterior mean of x0, per coordinate (t integer here)
+        a2 = ab[t.long()].view(-1, 1, 1)
+        gain = a2.sqrt() * v0 / (a2 * v0 + 1 - a2)
+        return mu + gain * (x_t - a2.sqrt() * mu)
+
+    def posterior_var(t: int) -> float:
+        return float(v0 * (1 - ab[t]) / (ab[t] * v0 + 1 - ab[t]))
+
+    d = L * E
+    c = (ab[:-1].sqrt() * (1 - ab[1:] / ab[:-1]) / (1 - ab[1:])) ** 2  # coef_x0^2, index t - 1
+    bt = (1 - ab[:-1]) / (1 - ab[1:]) * (1 - ab[1:] / ab[:-1])  # beta_tilde, index t - 1
+    expected = {
+        "rounding": 0.0,
+        "decoder": d * posterior_var(1) / (2 * v0) - d / 2,
+        "diffusion": sum(d * posterior_var(t) * c[t - 1] / (2 * bt[t - 1]) for t in range(2, T + 1)).item(),
+        "prior": 0.5 * (ab[T] * L * (mu.square().sum() + E * v0) + d * (-ab[T] - torch.log1p(-ab[T]))).item(),
+    }
+    return net, emb, schedule, torch.zeros(20000, L, dtype=torch.long), expected
+
+
+@pytest.mark.parametrize("steps", [None, 7])
+def test_text_elbo_terms_have_their_closed_form_means(steps):
+    from unnoise.text_diffusion import text_elbo
+
+    net, emb, schedule, ids, expected = _gaussian_case()
+    e = text_elbo(net, emb, ids, schedule, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert e.rounding.abs().max() < 1e-12  # one word: p(w | x0) = 1
+    for name in ("decoder", "diffusion", "prior"):
+        values = getattr(e, name)
+        stderr = values.std().item() / math.sqrt(len(values))
+        assert abs(values.mean().item() - expected[name]) < 4 * stderr + 1e-12, (name, values.mean(), expected[name])
+    total = sum(expected.values())
+    assert total >= 0  # a bound on -log p(w) = 0
+    assert torch.allclose(e.nats, e.rounding + e.decoder + e.diffusion + e.prior)
+
+
+def test_text_elbo_calls_the_network_once_per_stratum():
+    from unnoise.text_diffusion import text_elbo
+
+    net, emb, schedule, ids, _ = _gaussian_case(T=12)
+    for steps, strata in ((None, [[t] for t in range(2, 13)]), (11, [[t] for t in range(2, 13)]), (3, None)):
+        seen = []
+
+        def recording(x_t, t, cond):
+            seen.append(t.long().tolist())
+            return net(x_t, t, cond)
+
+        text_elbo(recording, emb, ids[:50], schedule, steps=steps, generator=torch.Generator().manual_seed(3))
+        assert seen[0] == [1] * 50  # the decoder term
+        if strata is not None:  # strata of width 1: every t once, as in the full sum
+            assert [sorted(set(s)) for s in seen[1:]] == strata
+        else:  # 2..12 in 3 strata of about 11/3 steps: [2, 6), [6, 9), [9, 13)
+            assert [(min(s), max(s)) for s in seen[1:]] == [(2, 5), (6, 8), (9, 12)]
+
+
+def test_text_elbo_penalises_a_biased_network_by_its_closed_form_and_rejects_bad_input():
+    from unnoise.diffusion import posterior_coefficients
+    from unnoise.text_diffusion import text_elbo
+
+    net, emb, schedule, ids, _ = _gaussian_case()
+    delta, d = 0.1, ids.shape[1] * emb.dim
+
+    def biased(x_t, t, cond):
+        return net(x_t, t, cond) + delta
+
+    good, bad = (
+        text_elbo(f, emb, ids[:4000], schedule, generator=torch.Generator().manual_seed(1)) for f in (net, biased)
+    )
+    # E||x0 - f - delta||^2 = E||x0 - f||^2 + d delta^2: each term grows by d delta^2 times its weight
+    post = posterior_coefficients(schedule.alpha_bar[1:], schedule.alpha_bar[:-1])
+    v0 = 1 - schedule.alpha_bar[1]
+    expected = d * delta**2 * (1 / (2 * v0) + (post.coef_x0[1:] ** 2 / (2 * post.variance[1:])).sum()).item()
+    gap = bad.nats - good.nats  # paired: the same draws
+    assert abs(gap.mean().item() - expected) < 4 * gap.std().item() / math.sqrt(len(gap)), (gap.mean(), expected)
+    with pytest.raises(ValueError, match="steps must be"):
+        text_elbo(net, emb, ids[:2], schedule, steps=40)
+    with pytest.raises(ValueError, match="token ids"):
+        text_elbo(net, emb, ids[:2] + 1, schedule)

@@ -113,13 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "eval",
-        help="evaluate a run: images --bpd / --fid N; text: perplexity, distinct-2, BLEU; "
+        help="evaluate a run: images --bpd / --fid N; text: perplexity, distinct-2, BLEU (--bpd: bits/token); "
         "audio: digit accuracy, Frechet distance, real-time factor",
     )
     ev.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help=_RUN_HELP)
-    ev.add_argument("--bpd", action="store_true", help="test-set negative ELBO in bits/dim")
     ev.add_argument(
-        "--n", "--count", dest="n", type=_positive_int, default=None, help="--bpd: only the first N test images"
+        "--bpd", action="store_true", help="held-out negative ELBO: bits/dim (images) or bits/token (text)"
+    )
+    ev.add_argument(
+        "--n", "--count", dest="n", type=_positive_int, default=None, help="--bpd: only the first N test images or sentences; text: N samples"
     )
     ev.add_argument("--fid", type=_positive_int, default=None, metavar="N", help="FID of N samples vs the test split")
     ev.add_argument("--sampler", default=None, help="the sampler (default: unipc; dpmpp_2m for text)")
@@ -418,16 +420,21 @@ def _eval_image(args: argparse.Namespace) -> None:
 
 def _eval_text(args: argparse.Namespace) -> None:
     from unnoise import distributed
-    from unnoise.language import evaluate_text, load_text_run
+    from unnoise.language import bits_per_token, evaluate_text, load_text_run
 
-    if args.bpd or args.fid or args.grid:
-        raise ValueError("--bpd, --fid and --grid do not apply to text runs (bits/token is not implemented yet)")
+    if args.fid or args.grid:
+        raise ValueError("--fid and --grid do not apply to text runs; --bpd gives held-out bits/token")
     if not distributed.current().main:
         return  # not sharded: rank 0 generates and scores
-    n = args.n or 200
-    s = evaluate_text(
-        load_text_run(args.run), n=n, sampler=args.sampler, nfe=args.nfe, guidance=args.guidance, seed=args.seed
-    )
+    n, run = args.n or 200, load_text_run(args.run)
+    if args.bpd:
+        bits, se = bits_per_token(run, n=n, seed=args.seed)
+        print(f"held-out negative ELBO on {n} sentences: {bits:.3f} +- {se:.3f} bits/token")
+        if run.cfg.extra.get("mr_vocab"):
+            bits, se = bits_per_token(run, n=n, seed=args.seed, conditional=True)
+            print(f"  given each sentence's meaning representation: {bits:.3f} +- {se:.3f} bits/token")
+        return
+    s = evaluate_text(run, n=n, sampler=args.sampler, nfe=args.nfe, guidance=args.guidance, seed=args.seed)
     print(f"{n} generated sentences ({args.sampler}, {args.nfe} NFE) against the held-out real ones:")
     ppl = f"{s['ppl_generated']:.1f} vs {s['ppl_held_out']:.1f} (ratio {s['ppl_ratio']:.2f})"
     print(f"  Kneser-Ney trigram perplexity: {ppl}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from unnoise.guidance import conditioned
 from unnoise.nets.transformer import TextTransformer, TransformerConfig
 from unnoise.sampling import sample as run_sampler
 from unnoise.schedules import DiscreteSchedule, make_schedule
-from unnoise.text_diffusion import WordEmbedding, clamping, diffusion_lm_loss, infill, text_denoiser
+from unnoise.text_diffusion import WordEmbedding, clamping, diffusion_lm_loss, infill, text_denoiser, text_elbo
 from unnoise.train import Objective, TrainConfig, train
 
 BLANK = "___"
@@ -275,6 +276,52 @@ def fluency(run: TextRun, generated: list[str]) -> dict[str, float]:
         "distinct2_generated": distinct_n(fake, 2),
         "distinct2_held_out": distinct_n([real[i] for i in pick], 2),
     }
+
+
+@torch.no_grad()
+def bits_per_token(
+    run: TextRun,
+    *,
+    n: int | None = 200,
+    steps: int | None = 100,
+    conditional: bool = False,
+    batch_size: int = 100,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Held-out negative ELBO in bits per token (words and ``<end>``; pads, which follow from the
+    end, are modelled but not counted): (estimate, standard error), from
+    :func:`unnoise.text_diffusion.text_elbo` on the first ``n`` held-out sentences (None: all).
+
+    ``steps`` strata (at most T - 1) estimate the sum over t (None: all T steps, exact but T calls).
+    ``conditional`` scores p(w | MR) with each sentence's meaning representation; otherwise p(w)
+    under the null MR. The estimate is total bits over total tokens; its standard error is the
+    ratio estimator's.
+    """
+    text, mrs = text_data(run.cfg, "held_out")
+    text, mrs = text[:n], (mrs or [])[:n]
+    vocab = run.cfg.extra.get("mr_vocab") or []
+    if conditional and not vocab:
+        raise ValueError("this text model is unconditional: bits/token given the MR needs an E2E-conditioned model")
+    ids = run.tokenizer.encode_batch(text, run.seq_len)
+    cond = encode_mrs(mrs, vocab) if conditional else None
+    steps = None if steps is None else min(steps, run.schedule.T - 1)
+    bits, tokens = [], []
+    for start in range(0, len(ids), batch_size):
+        rows = slice(start, start + batch_size)
+        g = torch.Generator().manual_seed(seed + start)
+        e = text_elbo(
+            run.model.net, run.model.embedding, ids[rows], run.schedule,
+            None if cond is None else cond[rows], steps=steps, generator=g,
+        )  # fmt: skip
+        bits.append(e.nats.double() / math.log(2))
+        tokens.append((ids[rows] != run.tokenizer.pad_id).sum(1).double())
+    b, k = torch.cat(bits), torch.cat(tokens)
+    ratio = (b.sum() / k.sum()).item()
+    n_seq = len(b)
+    if n_seq < 2:
+        return ratio, float("nan")
+    stderr = ((b - ratio * k).square().sum() * n_seq / (n_seq - 1)).sqrt() / k.sum()
+    return ratio, stderr.item()
 
 
 def evaluate_text(

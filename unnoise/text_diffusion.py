@@ -22,18 +22,20 @@ import torch
 from torch import Tensor, nn
 
 from unnoise.denoisers import TMap, from_discrete
-from unnoise.diffusion import check_finite, expand, q_sample
+from unnoise.diffusion import check_finite, expand, posterior_coefficients, q_sample
 from unnoise.guidance import inpaint
 from unnoise.losses import mean_flat
 from unnoise.samplers import Denoiser, Generator
 from unnoise.schedules import DiscreteSchedule
 
 __all__ = [
+    "TextELBO",
     "TextLossTerms",
     "TextNetwork",
     "WordEmbedding",
     "clamping",
     "diffusion_lm_loss",
+    "text_elbo",
     "infill",
     "text_denoiser",
 ]
@@ -159,6 +161,90 @@ def diffusion_lm_loss(
     logits = embedding.logits(x0)
     rounding = nn.functional.cross_entropy(logits.transpose(1, 2), ids.long(), reduction="none").mean(1)
     return TextLossTerms(mse + embed + rounding, mse, embed, rounding)
+
+
+class TextELBO(NamedTuple):
+    """Negative ELBO of each sequence in nats, ``nats = rounding + decoder + diffusion + prior``, all (B,)."""
+
+    nats: Tensor
+    rounding: Tensor  # -log p(w | x0)
+    decoder: Tensor  # -log p(x0 | x1) + log q(x0 | w): Diffusion-LM's embedding term, weighted
+    diffusion: Tensor  # sum_{t=2}^T KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)), estimated over t when steps < T - 1
+    prior: Tensor  # KL(q(x_T | x0) || N(0, I))
+
+
+@torch.no_grad()
+def text_elbo(
+    net: TextNetwork,
+    embedding: WordEmbedding,
+    ids: Tensor,
+    schedule: DiscreteSchedule,
+    cond: Tensor | None = None,
+    *,
+    steps: int | None = None,
+    generator: Generator = None,
+) -> TextELBO:
+    """An upper bound on -log p(w) of each sequence ``ids`` (B, L) in nats, for the x0-network ``net``.
+
+    Diffusion-LM's model is p(w, x_{0:T}) = p(x_T) prod_t p(x_{t-1} | x_t) p(w | x0) with the
+    embedding step q(x0 | w) = N(EMB(w), sigma0^2 I), sigma0^2 = 1 - alpha_bar_1 (the reference
+    code's ``get_x_start``). Jensen's inequality over q(x_{0:T} | w) gives, per sequence (d = L E):
+
+        -log p(w) <= E_q[ -log p(w | x0)                                    (rounding)
+                          + ||x0 - f(x_1, 1)||^2 / (2 sigma0^2) - d / 2    (-log p(x0 | x1) + log q(x0 | w))
+                          + sum_{t=2}^T c_t^2 ||x0 - f(x_t, t)||^2 / (2 beta_tilde_t)
+                          + KL(q(x_T | x0) || N(0, I)) ]
+
+    - The decoder p(x0 | x1) = N(f(x1, 1), sigma0^2 I). Its log-density and q's entropy cancel,
+      leaving Diffusion-LM's embedding term weighted by 1 / (2 sigma0^2); q's entropy is taken in
+      closed form.
+    - For t >= 2, p(x_{t-1} | x_t) = N(posterior mean at x0 = f(x_t, t), beta_tilde_t I) (fixed small
+      variance), so each KL is the squared difference of means over 2 beta_tilde_t. Here
+      c_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) is the posterior's coefficient of x0.
+
+    One x0 ~ q(x0 | w) and one noise per step and sequence. ``steps=None`` evaluates every t
+    (T network calls). ``steps=K`` is an unbiased stratified estimate of the sum over t = 2..T:
+    K strata of equal width, one uniform t in each, weighted by the stratum's size (K + 1 calls).
+    """
+    T = schedule.T
+    if T < 2:
+        raise ValueError(f"the text ELBO needs a schedule with T >= 2 steps, got T={T}")
+    if steps is not None and not (isinstance(steps, int) and 1 <= steps <= T - 1):
+        raise ValueError(f"steps must be None (every t) or an int in 1..{T - 1}, got {steps!r}")
+    emb = embedding.embed(ids)  # checks ids
+    B, dtype = ids.shape[0], embedding.weight.dtype
+
+    def randn() -> Tensor:
+        return torch.randn(emb.shape, generator=generator, dtype=dtype, device=emb.device)
+
+    ab = schedule.alpha_bar.to(dtype)
+    var0 = -torch.expm1(schedule.log_alpha_bar[1]).to(dtype)  # 1 - alpha_bar_1 without cancellation
+    x0 = emb + var0.sqrt() * randn()
+
+    def sq_err(t: Tensor) -> Tensor:  # ||x0 - f(x_t, t)||^2 per sequence, t (B,) long
+        x_t = q_sample(x0, ab[t.cpu()].to(x0.device), randn())
+        x0_hat = net(x_t, t.to(dtype), cond)
+        return (x0 - x0_hat).flatten(1).square().sum(1)
+
+    d = x0[0].numel()
+    rounding = nn.functional.cross_entropy(embedding.logits(x0).transpose(1, 2), ids.long(), reduction="none").sum(1)
+    decoder = sq_err(torch.ones(B, dtype=torch.long)) / (2 * var0) - d / 2
+    post = posterior_coefficients(schedule.alpha_bar[1:], schedule.alpha_bar[:-1])  # float64, index t - 1
+    weight = (post.coef_x0.square() / (2 * post.variance.clamp_min(1e-300))).to(dtype)  # t = 1 is unused
+    if steps is None:
+        chosen = [(torch.full((B,), t, dtype=torch.long), 1.0) for t in range(2, T + 1)]
+    else:  # strata [lo, hi) over 2..T, one uniform draw of t per stratum and sequence
+        edges = torch.linspace(2, T + 1, steps + 1, dtype=torch.float64).round().long().tolist()
+        chosen = []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            u = torch.rand(B, generator=generator, dtype=torch.float64, device=emb.device).cpu()
+            chosen.append(((lo + u * (hi - lo)).long().clamp(max=hi - 1), float(hi - lo)))
+    diffusion = torch.zeros(B, dtype=dtype, device=emb.device)
+    for t, size in chosen:
+        diffusion += size * weight[t - 1].to(emb.device) * sq_err(t)
+    abT = ab[T]
+    prior = 0.5 * (abT * x0.flatten(1).square().sum(1) + d * (-abT - torch.log1p(-abT)))
+    return TextELBO(rounding + decoder + diffusion + prior, rounding, decoder, diffusion, prior)
 
 
 def clamping(denoise: Denoiser, embedding: WordEmbedding, *, sigma_max: float = math.inf) -> Denoiser:
