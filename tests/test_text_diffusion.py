@@ -238,9 +238,9 @@ def test_text_elbo_calls_the_network_once_per_stratum():
 
     net, emb, schedule, ids, _ = _gaussian_case(T=12)
     for steps, strata in ((None, [[t] for t in range(2, 13)]), (11, [[t] for t in range(2, 13)]), (3, None)):
-        seen = []
+        seen: list[list[int]] = []
 
-        def recording(x_t, t, cond):
+        def recording(x_t, t, cond, seen=seen):
             seen.append(t.long().tolist())
             return net(x_t, t, cond)
 

@@ -117,11 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         "audio: digit accuracy, Frechet distance, real-time factor",
     )
     ev.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help=_RUN_HELP)
+    ev.add_argument("--bpd", action="store_true", help="held-out negative ELBO: bits/dim (images) or bits/token (text)")
     ev.add_argument(
-        "--bpd", action="store_true", help="held-out negative ELBO: bits/dim (images) or bits/token (text)"
-    )
-    ev.add_argument(
-        "--n", "--count", dest="n", type=_positive_int, default=None, help="--bpd: only the first N test images or sentences; text: N samples"
+        "--n",
+        "--count",
+        dest="n",
+        type=_positive_int,
+        default=None,
+        help="--bpd: only the first N test images or sentences; text: N samples",
     )
     ev.add_argument("--fid", type=_positive_int, default=None, metavar="N", help="FID of N samples vs the test split")
     ev.add_argument("--sampler", default=None, help="the sampler (default: unipc; dpmpp_2m for text)")
