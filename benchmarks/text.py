@@ -6,6 +6,7 @@ one model serves unconditional, data-to-text and controlled generation) for ``--
 whole machine (process CPU seconds = minutes x 60 x cores), then the attribute classifier
 (``unnoise train control``), and prints:
 
+- held-out bits/token (negative ELBO), unconditional and given the meaning representation;
 - perplexity (Kneser-Ney trigram fitted on the training split) of generated against held-out
   real sentences, and their distinct-2 (goals: ratio <= 1.5; distinct-2 within 20%);
 - data-to-text BLEU on held-out MRs (classifier-free guidance 2);
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="samples per food value and for fluency (x4)")
     args = parser.parse_args()
 
-    from unnoise.language import evaluate_text, load_text_run, train_text
+    from unnoise.language import bits_per_token, evaluate_text, load_text_run, train_text
     from unnoise.text_control import control_success, load_classifier, sample_controlled, train_control, train_judge
     from unnoise.train import CPUBudget, TrainConfig
 
@@ -69,6 +70,10 @@ def main() -> None:
         train_control(run_dir, steps=args.control_steps)
     run = load_text_run(run_dir)
     print(f"\ntrained {record['steps']} steps in {record['cpu_s']:.0f} CPU s ({record['wall_s']:.0f} s wall)")
+    for conditional in (False, True):
+        bits, se = bits_per_token(run, n=400, conditional=conditional)
+        given = "given the MR" if conditional else "unconditional"
+        print(f"held-out negative ELBO ({given}, 400 sentences, 100 strata over t): {bits:.3f} +- {se:.3f} bits/token")
     s = evaluate_text(run, n=4 * args.n, guidance=2.0)
     print("| figure | generated | held-out real | ratio | goal |")
     print("|---|---|---|---|---|")
