@@ -42,6 +42,9 @@ _GRID_HELP = (
 # torchrun's own parser reads --run and --n as abbreviations of its flags (--run-path, --nnodes...),
 # so under torchrun they are spelled --run-dir and --count.
 _RUN_HELP = "run folder (alias --run-dir, the spelling torchrun lets through)"
+# Each modality's default sampler, for `sample` and `eval`: what its benchmark found best.
+DEFAULT_SAMPLERS = {"image": "unipc", "text": "dpmpp_2m", "audio": "unipc"}
+_SAMPLER_DEFAULTS = "default: " + ", ".join(f"{v} for {k}" for k, v in DEFAULT_SAMPLERS.items())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument(
         "--control-scale", type=_nonnegative_float, default=3.0, help="text: classifier-guidance scale of --control"
     )
-    sample.add_argument("--sampler", default="unipc", help=f"one of: {', '.join(SAMPLERS)}")
+    sample.add_argument("--sampler", default=None, help=f"one of: {', '.join(SAMPLERS)} ({_SAMPLER_DEFAULTS})")
     sample.add_argument("--nfe", type=_positive_int, default=20, help="denoiser evaluations")
     sample.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="classifier-free guidance scale")
     sample.add_argument("--class", dest="class_id", type=int, default=None, help="class id (conditional runs)")
@@ -127,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--bpd: only the first N test images or sentences; text: N samples",
     )
     ev.add_argument("--fid", type=_positive_int, default=None, metavar="N", help="FID of N samples vs the test split")
-    ev.add_argument("--sampler", default=None, help="the sampler (default: unipc; dpmpp_2m for text)")
+    ev.add_argument("--sampler", default=None, help=f"the sampler ({_SAMPLER_DEFAULTS})")
     ev.add_argument("--nfe", type=_positive_int, default=20, help="--fid: denoiser evaluations per sample")
     ev.add_argument("--guidance", type=_nonnegative_float, default=1.0, help="--fid: classifier-free guidance")
     ev.add_argument("--grid", default=None, help=_GRID_HELP)
@@ -258,14 +261,22 @@ def _read_settings(path: Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _sample(args: argparse.Namespace) -> None:
-    from unnoise import distributed
+def _run_kind(args: argparse.Namespace) -> str:
+    """The run's modality; fills in its default sampler when none was given and checks the name."""
     from unnoise.checkpoint import load_config
     from unnoise.samplers import SAMPLERS
 
+    kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
+    args.sampler = args.sampler or DEFAULT_SAMPLERS[kind]
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
+    return kind
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from unnoise import distributed
+
+    kind = _run_kind(args)
     if args.modality is not None and args.modality != kind:
         raise ValueError(f"{args.run} is a {kind} run, not {args.modality}")
     if kind != "image" and not distributed.current().main:
@@ -399,10 +410,7 @@ def _frames(trajectory: list, rows: int = 8, columns: int = 6) -> list:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from unnoise.checkpoint import load_config
-
-    kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
-    args.sampler = args.sampler or ("dpmpp_2m" if kind == "text" else "unipc")
+    kind = _run_kind(args)
     {"audio": _eval_audio, "text": _eval_text}.get(kind, _eval_image)(args)
 
 
