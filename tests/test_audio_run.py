@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import one_line_exit_2
 
 from unnoise.cli import main
@@ -81,3 +82,13 @@ def test_audio_demo_writes_wavs_and_spectrograms(tmp_path, capsys):
     assert (tmp_path / "spectrograms.png").stat().st_size > 0
     out = capsys.readouterr().out
     assert "the digit classifier hears" in out and "real-time factor" in out
+
+
+def test_bf16_sampling_is_close_to_float32(run):
+    from unnoise.audio import load_audio_run, sample_audio
+
+    loaded = load_audio_run(run)
+    exact, labels = sample_audio(loaded, n=2, nfe=3, guidance=2.0, bf16=False)
+    fast, same = sample_audio(loaded, n=2, nfe=3, guidance=2.0, bf16=True)
+    assert fast.dtype == exact.dtype and torch.equal(labels, same)
+    assert (fast - exact).abs().max() < 0.05 * exact.abs().max()

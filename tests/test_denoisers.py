@@ -291,3 +291,17 @@ def test_from_diffusers_prediction_types():
     assert from_diffusers_unet(None, DDPMScheduler(variance_type="learned_range")).variance == "learned_range"
     with pytest.raises(ValueError, match="allowed: epsilon, v_prediction, sample"):
         from_diffusers_unet(None, DDPMScheduler(prediction_type="flow"))
+
+
+def test_bf16_autocast_runs_the_network_in_bf16_and_returns_x_dtype():
+    from unnoise.denoisers import bf16_autocast
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 8))
+    x = torch.randn(32, 64)
+    with torch.no_grad():
+        exact, fast = net(x), bf16_autocast(net)(x)
+    assert fast.dtype == torch.float32
+    assert not torch.equal(fast, exact)  # the linear layers did run in bf16
+    # bf16 keeps 8 mantissa bits: each rounding errs by at most 2^-9 relative; two layers, a few roundings
+    assert (fast - exact).abs().max() <= 2**-5 * exact.abs().max()

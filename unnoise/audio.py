@@ -21,7 +21,7 @@ from torch import Tensor
 from unnoise import distributed
 from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.data.audio import AudioDataset, load_wav_folder, make_spoken_digits
-from unnoise.denoisers import clipped, labelled
+from unnoise.denoisers import bf16_autocast, clipped, labelled
 from unnoise.guidance import conditioned
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
 from unnoise.sampling import sample as run_sampler
@@ -118,11 +118,13 @@ def sample_audio(
     class_id: int | None = None,
     seed: int = 0,
     grid: str | None = None,
+    bf16: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``n`` clips (N, samples) in [-1, 1] and their labels; conditional runs cycle the classes.
 
     ``grid="diffwave"`` with ``sampler="ddpm", nfe=6`` is DiffWave's fast sampler (its 6-step
-    inference schedule); the chain starts at that grid's top noise level.
+    inference schedule); the chain starts at that grid's top noise level. ``bf16`` runs the network
+    under bfloat16 autocast (None: as it was trained).
     """
     k = run.net.config.num_classes
     if class_id is not None and (k is None or not 0 <= class_id < k):
@@ -136,7 +138,8 @@ def sample_audio(
     top = start_sigma(sampler, nfe, s_max, s_min, grid, run.schedule)
     x = torch.stack([torch.randn(1, run.samples, generator=g) for g in generators]) * top
 
-    conditional = labelled(run.net, run.schedule, prediction=run.cfg.prediction)
+    net = bf16_autocast(run.net) if (run.cfg.bf16 if bf16 is None else bf16) else run.net
+    conditional = labelled(net, run.schedule, prediction=run.cfg.prediction)
     null = None if k is None else torch.tensor(k)
     D = conditioned(conditional, None if k is None else labels, null, guidance)
     out = run_sampler(
@@ -163,6 +166,7 @@ def evaluate_audio(
     grid: str | None = None,
     seed: int = 0,
     classifier=None,
+    bf16: bool | None = None,
 ) -> dict[str, float]:
     """DiffWave's SC09 evaluation, scaled down: ``n`` generated clips judged by the spoken-digit
     classifier of :mod:`unnoise.audio_metrics`.
@@ -178,7 +182,8 @@ def evaluate_audio(
         raise ValueError(f"the digit classifier judges spoken-digits runs (classes 0..9); this run's classes: {names}")
     clip_seconds = run.samples / run.sample_rate
     start = time.perf_counter()
-    waves, labels = sample_audio(run, n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed, grid=grid)
+    sampling = dict(sampler=sampler, nfe=nfe, guidance=guidance, seed=seed, grid=grid, bf16=bf16)
+    waves, labels = sample_audio(run, n=n, **sampling)
     seconds = time.perf_counter() - start
     judge = classifier or audio_metrics.digit_classifier(run.sample_rate, clip_seconds)
     real = audio_dataset(run.cfg, "test")

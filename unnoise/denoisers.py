@@ -303,6 +303,21 @@ def clipped(denoise: Denoiser, low: float = -1.0, high: float = 1.0) -> Denoiser
     return clip
 
 
+def bf16_autocast(net: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``net(x, ...)`` under bfloat16 autocast, its output cast back to x's dtype.
+
+    Only the network's matmuls and convolutions run in bf16; the sampler's arithmetic stays in
+    x's precision. For networks trained under bf16 autocast, whose CPU forward is then ~2x faster.
+    """
+
+    def run(x: Tensor, *args, **kwargs) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            out = net(x, *args, **kwargs)
+        return out.to(x.dtype)
+
+    return run
+
+
 def labelled(net: Callable[..., Tensor], schedule: DiscreteSchedule, *, prediction: Prediction = "eps"):
     """A discrete-time network ``net(x_t, t, labels)`` as a conditional denoiser ``D(x, sigma, labels)``,
     the form :func:`unnoise.guidance.classifier_free` takes; labels pass through unchanged."""
