@@ -21,6 +21,7 @@ Both use batch 64. Each side runs in its own process. Writes OUT/<side>_<sampler
 
 Run: python benchmarks/image_quality.py [--minutes 20] [--n 1000] [--out bench-quality]
      (needs dataset-fashion-mnist and pip install -e '.[dev,fid]'; about 1 h at the defaults)
+     python benchmarks/image_quality.py --out bench-quality --samplers-at 20   (then: which sampler at 20 NFE)
 """
 
 from __future__ import annotations
@@ -133,15 +134,42 @@ def reference_stats(out: Path, features) -> tuple[np.ndarray, np.ndarray]:
     return stats["mu"], stats["cov"]
 
 
+def compare_samplers(out: Path, nfe: int, n: int) -> None:
+    """FID@n of the trained unnoise run in OUT with a few samplers at ``nfe`` (class-balanced, no guidance)."""
+    from unnoise.imaging import load_run, sample_images
+    from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
+
+    run, features = load_run(out / "unnoise-run"), InceptionFeatures()
+    ref = reference_stats(out, features)
+    print(f"| sampler | NFE | FID@{n} |")
+    print("|---|---|---|")
+    for sampler in ("unipc", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral"):
+        images = torch.cat(
+            [sample_images(run, n=min(250, n - i), seed=i, sampler=sampler, nfe=nfe)[0] for i in range(0, n, 250)]
+        )
+        save(out, f"unnoise_{sampler}_{nfe}", images)
+        print(f"| {sampler} | {nfe} | {frechet_distance(*gaussian_fit(features(images)), *ref):.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget per side (of all cores)")
     parser.add_argument("--n", type=int, default=1000, help="images per FID")
     parser.add_argument("--out", default="bench-quality")
     parser.add_argument("--one", choices=["unnoise", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--samplers-at",
+        type=int,
+        default=None,
+        metavar="NFE",
+        help="after a run: FID of unnoise's trained model with each of a few samplers at NFE (the default's choice)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.samplers_at:
+        compare_samplers(out, args.samplers_at, args.n)
+        return
     if args.one:
         torch.set_num_threads(1)
         record = (train_unnoise if args.one == "unnoise" else train_diffusers)(out, args.minutes, args.n)
