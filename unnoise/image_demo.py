@@ -31,10 +31,10 @@ def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dic
     train_images(cfg, out / "run")
     train_s = time.perf_counter() - start
     run = load_run(out / "run")
-    images, _ = sample_images(run, n=100, sampler="unipc", nfe=20, guidance=2.0)
+    images, _ = sample_images(run, n=100, sampler="dpmpp_2m_sde", nfe=20, guidance=2.0)
     save_grid(out / "samples.png", images, nrow=10, scale=4)
     trajectory: list = []
-    sample_images(run, n=10, sampler="unipc", nfe=12, guidance=2.0, trajectory=trajectory)
+    sample_images(run, n=10, sampler="dpmpp_2m_sde", nfe=12, guidance=2.0, trajectory=trajectory)
     from unnoise.cli import _frames
 
     save_trajectory(out / "trajectory.png", _frames(trajectory, rows=10), scale=4)

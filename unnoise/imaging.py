@@ -129,7 +129,7 @@ def sample_images(
     run: ImageRun,
     *,
     n: int = 64,
-    sampler: str = "unipc",
+    sampler: str = "dpmpp_2m_sde",
     nfe: int = 20,
     guidance: float = 1.0,
     class_id: int | None = None,
