@@ -204,7 +204,7 @@ def text_elbo(
     - The decoder p(x0 | x1) = N(x0_hat(x1, 1), sigma0^2 I). Its log-density and q's entropy cancel,
       leaving Diffusion-LM's embedding term weighted by 1 / (2 sigma0^2); q's entropy is taken in
       closed form.
-    - For t >= 2, p(x_{t-1} | x_t) = N(posterior mean at x0 = f(x_t, t), beta_tilde_t I) (fixed small
+    - For t >= 2, p(x_{t-1} | x_t) = N(posterior mean at x0 = x0_hat(x_t, t), beta_tilde_t I) (fixed small
       variance), so each KL is the squared difference of means over 2 beta_tilde_t. Here
       c_t = sqrt(alpha_bar_{t-1}) beta_t / (1 - alpha_bar_t) is the posterior's coefficient of x0.
 
