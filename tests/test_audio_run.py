@@ -92,3 +92,35 @@ def test_bf16_sampling_is_close_to_float32(run):
     fast, same = sample_audio(loaded, n=2, nfe=3, guidance=2.0, bf16=True)
     assert fast.dtype == exact.dtype and torch.equal(labels, same)
     assert (fast - exact).abs().max() < 0.05 * exact.abs().max()
+
+
+def test_waveform_unet_trains_samples_and_reloads(run, tmp_path):
+    """arch "unet": the same trainer, checkpoints and samplers with the 1-D U-Net."""
+    from unnoise.audio import load_audio_run, sample_audio
+    from unnoise.nets.unet import UNet
+
+    cache = json.loads((run / "config.json").read_text())["train"]["extra"]["cache"]
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"T": 100, "extra": {"cache": cache, "arch": "unet"}}))
+    args = ["train", "audio", "--model", "tiny", "--steps", "2", "--batch-size", "4", "--config", str(settings)]
+    assert main([*args, "--out", str(tmp_path / "unet")]) == 0
+    loaded = load_audio_run(tmp_path / "unet")
+    assert isinstance(loaded.net, UNet) and loaded.net.config.dims == 1 and loaded.net.config.num_classes == 10
+    waves, labels = sample_audio(loaded, n=2, nfe=2, guidance=2.0)
+    assert waves.shape == (2, 8000) and waves.isfinite().all() and labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ({"arch": "transformer"}, "unknown audio network 'transformer'; allowed: diffwave, unet"),
+        ({"arch": "unet", "model": "base"}, "unknown waveform U-Net preset 'base'; allowed: tiny, small"),
+    ],
+)
+def test_bad_audio_network(run, tmp_path, capsys, extra, match):
+    cache = json.loads((run / "config.json").read_text())["train"]["extra"]["cache"]
+    settings = tmp_path / "settings.json"
+    model = extra.pop("model", "tiny")
+    settings.write_text(json.dumps({"extra": {"cache": cache, **extra}}))
+    args = ["train", "audio", "--model", model, "--steps", "1", "--config", str(settings), "--out", str(tmp_path / "r")]
+    one_line_exit_2(main, args, capsys, match)

@@ -176,3 +176,63 @@ def test_bad_configs_name_what_is_allowed():
         UNetConfig.preset("huge", 32, 3)
     with pytest.raises(ValueError, match="attention heads"):
         UNet(UNetConfig(image_size=8, base_channels=16, channel_mults=(1, 2), attention_resolutions=(4,), num_heads=3))
+
+
+def waveform(length: int = 64, num_classes: int | None = 3, **kw) -> UNetConfig:
+    """A 1-D U-Net with 3 levels downsampling by 4: lengths (64, 16, 4), attention at 4."""
+    size = dict(base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, num_heads=2, attention_resolutions=(4,))
+    return UNetConfig(length, 1, num_classes=num_classes, **(size | dict(dims=1, factor=4) | kw))
+
+
+def test_waveform_unet_shapes_levels_and_zero_at_init():
+    cfg = waveform()
+    assert cfg.resolutions == (64, 16, 4)
+    x, t = torch.randn(2, 1, 64), torch.rand(2) * 100
+    assert (UNet(cfg)(x, t, torch.tensor([0, 3])) == 0).all()
+    lengths = []
+    net = perturbed(cfg)
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv1d, Attention)):
+            m.register_forward_hook(lambda mod, args, out: lengths.append(out.shape[-1]))
+    out = net(x, t, torch.tensor([0, 3]))
+    assert out.shape == x.shape and out.abs().min() > 0
+    assert set(lengths) == {64, 16, 4}  # every layer runs at one of the three levels
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+
+
+def test_waveform_unet_downsampling_covers_every_input_sample():
+    """Kernel 2f - 1 at stride f, padding f - 1: output j sees inputs f j - (f - 1) .. f j + (f - 1)."""
+    from unnoise.nets.unet import Downsample, Upsample
+
+    down, up = Downsample(1, dims=1, factor=4), Upsample(1, dims=1, factor=4)
+    x = torch.zeros(1, 1, 16, requires_grad=True)
+    down(x)[0, 0, 1].backward()
+    assert x.grad[0, 0].nonzero().flatten().tolist() == list(range(1, 8))
+    assert down(torch.randn(2, 1, 16)).shape == (2, 1, 4) and up(torch.randn(2, 1, 4)).shape == (2, 1, 16)
+
+
+def test_waveform_unet_sees_the_whole_sequence_and_not_the_batch():
+    cfg = waveform()
+    net = perturbed(cfg)
+    x = torch.randn(3, 1, 64, requires_grad=True)
+    net(x, torch.rand(3) * 100, torch.tensor([0, 1, 2]))[0, 0, 0].backward()
+    # sample 0 of clip 0 depends on the clip's last sample (attention spans the lowest level), not on clip 1
+    assert x.grad[0, 0, -1] != 0 and (x.grad[1:] == 0).all()
+
+
+def test_waveform_unet_float64_and_labels():
+    cfg = waveform()
+    net = perturbed(cfg, dtype=torch.float64)
+    x, t = torch.randn(2, 1, 64, dtype=torch.float64), torch.rand(2, dtype=torch.float64) * 100
+    out = net(x, t, torch.tensor([1, 2]))
+    assert out.dtype == torch.float64
+    assert not torch.allclose(out, net(x, t, torch.tensor([1, 3])))  # 3 is the null class
+
+
+def test_bad_waveform_configs():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        waveform(length=40)
+    with pytest.raises(ValueError, match="dims must be 1"):
+        waveform(dims=3)
+    with pytest.raises(ValueError, match="factor must be >= 2"):
+        waveform(factor=1)

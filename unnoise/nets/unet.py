@@ -11,6 +11,11 @@ level, each block eating one skip activation of the down path, concatenated on c
 
 Every residual branch ends in a zero-initialised layer and so does the output conv: at initialisation
 each block is the identity on its skip path and the network outputs exactly zero.
+
+``dims=1`` builds the same network over sequences ``(B, C, N)`` (a waveform U-Net, as in CRASH and
+audio-diffusion-pytorch), and ``factor`` sets the down/upsampling per level: a 1-s, 8-kHz clip with
+``factor=4`` runs most layers at 1/16 to 1/64 of the sample rate, and attention at the lowest level
+sees the whole word.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ class UNetConfig:
     dropout: float = 0.1
     num_classes: int | None = None  # None: unconditional; else ids 0..num_classes-1 and the null id num_classes
     learned_variance: bool = False  # output [prediction, v]: 2 * in_channels (Nichol & Dhariwal 2021)
+    dims: int = 2  # 2: images (B, C, H, W); 1: sequences such as waveforms (B, C, N)
+    factor: int = 2  # down/upsampling factor between levels (each spatial axis)
 
     def __post_init__(self):
         # lists (e.g. from config.json) become tuples, so configs compare and hash alike
@@ -48,11 +55,15 @@ class UNetConfig:
         self.attention_resolutions = tuple(self.attention_resolutions)
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {self.channel_mults}")
-        factor = 2 ** (len(self.channel_mults) - 1)
-        if self.image_size < 1 or self.image_size % factor:
+        if self.dims not in (1, 2):
+            raise ValueError(f"dims must be 1 (sequences) or 2 (images), got {self.dims}")
+        if self.factor < 2:
+            raise ValueError(f"factor must be >= 2, got {self.factor}")
+        total = self.factor ** (len(self.channel_mults) - 1)
+        if self.image_size < 1 or self.image_size % total:
             raise ValueError(
-                f"image_size={self.image_size} must be divisible by 2**(len(channel_mults) - 1) = {factor} "
-                f"(channel_mults={self.channel_mults}); allowed: positive multiples of {factor}"
+                f"image_size={self.image_size} must be divisible by factor**(len(channel_mults) - 1) = {total} "
+                f"(factor={self.factor}, channel_mults={self.channel_mults}); allowed: positive multiples of {total}"
             )
         bad = [r for r in self.attention_resolutions if r not in self.resolutions]
         if bad:
@@ -63,7 +74,7 @@ class UNetConfig:
     @property
     def resolutions(self) -> tuple[int, ...]:
         """Feature-map size at each level of the down path, e.g. 28 with 3 levels -> (28, 14, 7)."""
-        return tuple(self.image_size >> level for level in range(len(self.channel_mults)))
+        return tuple(self.image_size // self.factor**level for level in range(len(self.channel_mults)))
 
     @property
     def out_channels(self) -> int:
@@ -92,6 +103,11 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(max(g for g in range(1, 33) if channels % g == 0), channels)
 
 
+def conv(dims: int, c_in: int, c_out: int, kernel: int, **kw) -> nn.Module:
+    """A 1-D or 2-D convolution."""
+    return (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, c_out, kernel, **kw)
+
+
 def zero_init(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -101,62 +117,63 @@ def zero_init(module: nn.Module) -> nn.Module:
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3 -> GroupNorm, scale-shift by the embedding -> SiLU -> dropout -> conv3x3 (zero).
 
-    ``h`` ``(B, c_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, c_out, H, W)``.
+    ``h`` ``(B, c_in, H, W)``, ``emb`` ``(B, emb_dim)`` -> ``(B, c_out, H, W)`` (or ``(B, c, N)`` with dims=1).
     """
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float):
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, dims: int = 2):
         super().__init__()
-        self.norm1, self.conv1 = group_norm(c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm1, self.conv1 = group_norm(c_in), conv(dims, c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)  # -> [scale, shift]
         self.norm2, self.drop = group_norm(c_out), nn.Dropout(dropout)
-        self.conv2 = zero_init(nn.Conv2d(c_out, c_out, 3, padding=1))
-        self.skip = nn.Identity() if c_in == c_out else nn.Conv2d(c_in, c_out, 1)
+        self.conv2 = zero_init(conv(dims, c_out, c_out, 3, padding=1))
+        self.skip = nn.Identity() if c_in == c_out else conv(dims, c_in, c_out, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))  # (B, c_out, H, W)
-        scale, shift = self.emb(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # 2 x (B, c_out, 1, 1)
+        scale, shift = self.emb(F.silu(emb)).reshape(h.shape[0], -1, *(1,) * (h.ndim - 2)).chunk(2, dim=1)
         h = self.norm2(h) * (1 + scale) + shift  # ADM's "use_scale_shift_norm"
         h = self.conv2(self.drop(F.silu(h)))
         return self.skip(x) + h
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W positions: GroupNorm -> qkv 1x1 -> SDPA -> 1x1 (zero), residual."""
+    """Multi-head self-attention over the H*W (or N) positions: GroupNorm -> qkv 1x1 -> SDPA -> 1x1 (zero), residual."""
 
-    def __init__(self, channels: int, num_heads: int):
+    def __init__(self, channels: int, num_heads: int, dims: int = 2):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
         self.num_heads = num_heads
         self.norm = group_norm(channels)
-        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
-        self.proj = zero_init(nn.Conv2d(channels, channels, 1))
+        self.qkv = conv(dims, channels, 3 * channels, 1)
+        self.proj = zero_init(conv(dims, channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, H * W)
+        B, C = x.shape[:2]
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, -1)
         q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x (B, heads, H*W, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        h = h.transpose(-1, -2).reshape(x.shape)
         return x + self.proj(h)
 
 
 class Downsample(nn.Sequential):
-    """Strided conv3x3: ``(B, c, H, W)`` -> ``(B, c, H/2, W/2)``."""
+    """Strided conv: ``(B, c, H, W)`` -> ``(B, c, H/f, W/f)``; kernel 2f - 1 (3 for f = 2) covers every input."""
 
-    def __init__(self, channels: int):
-        super().__init__(nn.Conv2d(channels, channels, 3, stride=2, padding=1))
+    def __init__(self, channels: int, dims: int = 2, factor: int = 2):
+        super().__init__(conv(dims, channels, channels, 2 * factor - 1, stride=factor, padding=factor - 1))
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then conv3x3: ``(B, c, H, W)`` -> ``(B, c, 2H, 2W)``."""
+    """Nearest-neighbour x f, then conv3x3: ``(B, c, H, W)`` -> ``(B, c, fH, fW)``."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, dims: int = 2, factor: int = 2):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.factor = factor
+        self.conv = conv(dims, channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, scale_factor=float(self.factor), mode="nearest"))
 
 
 class Stage(nn.Sequential):
@@ -169,7 +186,8 @@ class Stage(nn.Sequential):
 
 
 class UNet(nn.Module):
-    """ADM U-Net (Dhariwal & Nichol 2021): x ``(B, C, H, W)``, t ``(B,)``, labels ``(B,)`` or None -> ``(B, C', H, W)``.
+    """ADM U-Net (Dhariwal & Nichol 2021): x ``(B, C, H, W)``, t ``(B,)``, labels ``(B,)`` or None -> ``(B, C', H, W)``
+    (``(B, C, N)`` -> ``(B, C', N)`` with ``config.dims == 1``).
 
     ``C' = C``, or ``2C`` (``[prediction, v]``) with ``config.learned_variance``.
     """
@@ -177,21 +195,21 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = cfg = config
-        base, emb_dim = cfg.base_channels, 4 * cfg.base_channels
+        base, emb_dim, dims = cfg.base_channels, 4 * cfg.base_channels, cfg.dims
 
         def heads(channels: int) -> int:
             return channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
 
         def stage(c_in: int, c_out: int, size: int) -> Stage:
-            res = ResBlock(c_in, c_out, emb_dim, cfg.dropout)
-            return Stage(res, Attention(c_out, heads(c_out))) if size in cfg.attention_resolutions else Stage(res)
+            res = ResBlock(c_in, c_out, emb_dim, cfg.dropout, dims)
+            return Stage(res, Attention(c_out, heads(c_out), dims)) if size in cfg.attention_resolutions else Stage(res)
 
         # noise-level (and class) embedding, (B,) -> (B, emb_dim); the last class id is the null class
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_embed = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
 
         # down path; `skips` records the channels of each activation the up path will concatenate
-        self.conv_in = nn.Conv2d(cfg.in_channels, base, 3, padding=1)
+        self.conv_in = conv(dims, cfg.in_channels, base, 3, padding=1)
         self.down, skips, ch = nn.ModuleList(), [base], base
         for level, (mult, size) in enumerate(zip(cfg.channel_mults, cfg.resolutions, strict=True)):
             for _ in range(cfg.num_res_blocks):
@@ -199,11 +217,13 @@ class UNet(nn.Module):
                 ch = base * mult
                 skips.append(ch)
             if level < len(cfg.channel_mults) - 1:
-                self.down.append(Stage(Downsample(ch)))
+                self.down.append(Stage(Downsample(ch, dims, cfg.factor)))
                 skips.append(ch)
 
         self.middle = Stage(
-            ResBlock(ch, ch, emb_dim, cfg.dropout), Attention(ch, heads(ch)), ResBlock(ch, ch, emb_dim, cfg.dropout)
+            ResBlock(ch, ch, emb_dim, cfg.dropout, dims),
+            Attention(ch, heads(ch), dims),
+            ResBlock(ch, ch, emb_dim, cfg.dropout, dims),
         )
 
         # up path: one more block per level than the down path, so each skip is used exactly once
@@ -213,11 +233,11 @@ class UNet(nn.Module):
                 block = stage(ch + skips.pop(), base * mult, size)
                 ch = base * mult
                 if level > 0 and i == cfg.num_res_blocks:
-                    block.append(Upsample(ch))
+                    block.append(Upsample(ch, dims, cfg.factor))
                 self.up.append(block)
         assert not skips
 
-        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(conv(dims, ch, cfg.out_channels, 3, padding=1)))
 
     def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
         cfg = self.config
