@@ -95,7 +95,7 @@ def main() -> None:
     real_acc = audio_metrics.accuracy(judge, test.waves, test.labels)
     real_fd = audio_metrics.feature_distance(judge, test.waves, train.waves)
     print(f"| (real held-out clips) | | | | {real_acc:.1%} | {real_fd:.2f} (vs training clips) | |")
-    best = None
+    rows = []
     for sampler, nfe, guidance, grid in CONFIGS:
         torch.manual_seed(0)
         s = evaluate_audio(
@@ -106,13 +106,21 @@ def main() -> None:
             f"{s['rtf']:.3f} |",
             flush=True,
         )
-        if best is None or s["accuracy"] > best[1]["accuracy"]:
-            best = ((sampler, nfe, guidance, grid), s)
-    (sampler, nfe, guidance, grid), s = best
+        rows.append(((sampler, nfe, guidance), s))
+    # the goals hold together: one setting must be both accurate and faster than real time
+    (sampler, nfe, guidance), s = max(rows, key=lambda r: r[1]["accuracy"])
+    where = f"{sampler}, {nfe} NFE, guidance {guidance:g}; real-time factor {s['rtf']:.3f}"
+    print(f"\nbest accuracy {s['accuracy']:.1%} ({where})")
+    fast = [r for r in rows if r[1]["rtf"] < 1 and r[0][1] <= 20]
+    if not fast:
+        print("no setting is faster than real time: goals (accuracy >= 90% at real-time factor < 1) MISSED")
+        return
+    (sampler, nfe, guidance), s = max(fast, key=lambda r: r[1]["accuracy"])
     verdict = "met" if s["accuracy"] >= 0.9 else "MISSED"
-    print(f"\nbest accuracy {s['accuracy']:.1%} ({sampler}, {nfe} NFE, guidance {guidance:g}): goal >= 90% {verdict}")
-    verdict = "met" if s["rtf"] < 1 else "MISSED"
-    print(f"its real-time factor {s['rtf']:.3f} at {nfe} NFE: goal < 1 {verdict}")
+    print(
+        f"best faster than real time: {s['accuracy']:.1%} ({sampler}, {nfe} NFE, guidance {guidance:g}; real-time "
+        f"factor {s['rtf']:.3f}): goals (accuracy >= 90% at real-time factor < 1, <= 20 NFE) {verdict}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Audio end to end on a tiny DiffWave: train on synthesised spoken digits, sample WAVs, errors."""
+"""Audio end to end on a tiny waveform U-Net (and DiffWave): train on synthesised spoken digits, sample WAVs, errors."""
 
 import json
 import shutil
@@ -94,33 +94,37 @@ def test_bf16_sampling_is_close_to_float32(run):
     assert (fast - exact).abs().max() < 0.05 * exact.abs().max()
 
 
-def test_waveform_unet_trains_samples_and_reloads(run, tmp_path):
-    """arch "unet": the same trainer, checkpoints and samplers with the 1-D U-Net."""
+def test_both_audio_networks_train_sample_and_reload(run, tmp_path):
+    """The default network is the waveform U-Net; --arch diffwave trains a DiffWave: same trainer,
+    checkpoints and samplers."""
     from unnoise.audio import load_audio_run, sample_audio
     from unnoise.nets.unet import UNet
+    from unnoise.nets.wavenet import DiffWave
 
+    unet = load_audio_run(run).net
+    assert isinstance(unet, UNet) and unet.config.dims == 1 and unet.config.num_classes == 10
     cache = json.loads((run / "config.json").read_text())["train"]["extra"]["cache"]
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"T": 100, "extra": {"cache": cache, "arch": "unet"}}))
-    args = ["train", "audio", "--model", "tiny", "--steps", "2", "--batch-size", "4", "--config", str(settings)]
-    assert main([*args, "--out", str(tmp_path / "unet")]) == 0
-    loaded = load_audio_run(tmp_path / "unet")
-    assert isinstance(loaded.net, UNet) and loaded.net.config.dims == 1 and loaded.net.config.num_classes == 10
+    settings.write_text(json.dumps({"T": 100, "extra": {"cache": cache}}))
+    args = ["train", "audio", "--arch", "diffwave", "--model", "tiny", "--steps", "2", "--batch-size", "4"]
+    assert main([*args, "--config", str(settings), "--out", str(tmp_path / "dw")]) == 0
+    loaded = load_audio_run(tmp_path / "dw")
+    assert isinstance(loaded.net, DiffWave) and loaded.net.config.num_classes == 10
     waves, labels = sample_audio(loaded, n=2, nfe=2, guidance=2.0)
     assert waves.shape == (2, 8000) and waves.isfinite().all() and labels.tolist() == [0, 1]
 
 
 @pytest.mark.parametrize(
-    "extra, match",
+    "args, match",
     [
-        ({"arch": "transformer"}, "unknown audio network 'transformer'; allowed: diffwave, unet"),
-        ({"arch": "unet", "model": "base"}, "unknown waveform U-Net preset 'base'; allowed: tiny, small"),
+        (["audio", "--arch", "transformer"], "unknown audio network 'transformer'; allowed: diffwave, unet"),
+        (["audio", "--model", "base"], "unknown waveform U-Net preset 'base'; allowed: tiny, small"),
+        (["image", "--arch", "unet"], "--arch chooses the audio network; image runs have one network each"),
     ],
 )
-def test_bad_audio_network(run, tmp_path, capsys, extra, match):
+def test_bad_audio_network(run, tmp_path, capsys, args, match):
     cache = json.loads((run / "config.json").read_text())["train"]["extra"]["cache"]
     settings = tmp_path / "settings.json"
-    model = extra.pop("model", "tiny")
-    settings.write_text(json.dumps({"extra": {"cache": cache, **extra}}))
-    args = ["train", "audio", "--model", model, "--steps", "1", "--config", str(settings), "--out", str(tmp_path / "r")]
-    one_line_exit_2(main, args, capsys, match)
+    settings.write_text(json.dumps({"extra": {"cache": cache}}))
+    argv = ["train", *args, "--steps", "1", "--config", str(settings), "--out", str(tmp_path / "r")]
+    one_line_exit_2(main, argv, capsys, match)

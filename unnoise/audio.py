@@ -2,9 +2,10 @@
 
 The modality is a dataset of clips (unnoise.data.audio), a network and waveform scaling (clips are
 peak-normalised to [-1, 1]); the trainer (with the DDPM objective) and the samplers stay generic.
-The network is ``cfg.extra["arch"]``: "diffwave" (unnoise.nets.wavenet, the default: every layer at
-the full sample rate) or "unet" (the ADM U-Net of unnoise.nets.unet over the waveform, ``dims=1``,
-downsampling by 4 per level, so most of its compute runs at 1/16 to 1/64 of the rate).
+The network is ``cfg.extra["arch"]``: "unet" (the default: the ADM U-Net of unnoise.nets.unet over the
+waveform, ``dims=1``, downsampling by 4 per level, so most of its compute runs at 1/16 to 1/64 of the
+rate and attention spans the clip) or "diffwave" (unnoise.nets.wavenet: every layer at the full rate).
+On spoken digits at equal CPU the U-Net learns far faster (benchmarks/audio.py, README).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ ARCHS: tuple[str, ...] = ("diffwave", "unet")
 # Waveform U-Net sizes: "tiny" for tests, "small" for a CPU (7.3M parameters, about as fast per
 # step as the 32-channel, 22-layer DiffWave of benchmarks/audio.py, 0.45M).
 UNET_PRESETS = {
-    "tiny": dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, num_heads=2, dropout=0.0),
+    "tiny": dict(base_channels=8, channel_mults=(1, 2, 2), num_res_blocks=1, num_heads=2, dropout=0.0),
     "small": dict(base_channels=32, channel_mults=(1, 2, 4, 8), num_res_blocks=2, num_heads=4, dropout=0.0),
 }
 
@@ -72,7 +73,7 @@ UNET_PRESETS = {
 def audio_net(cfg: TrainConfig, samples: int, num_classes: int | None) -> nn.Module:
     """The run's network from ``cfg.extra["arch"]``, ``cfg.model`` (a preset) and ``cfg.extra["net"]``
     (settings over the preset); records the full config in ``cfg.extra["wavenet"]`` or ``["unet"]``."""
-    arch, over = cfg.extra.get("arch", "diffwave"), cfg.extra.get("net", {})
+    arch, over = cfg.extra.setdefault("arch", "unet"), cfg.extra.get("net", {})
     if arch == "diffwave":
         config = dataclasses.replace(WaveNetConfig.preset(cfg.model, num_classes), **over)
         cfg.extra["wavenet"] = dataclasses.asdict(config)

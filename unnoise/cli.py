@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="image: digits | fashion-mnist | a folder; text: tiny | e2e | a file; audio: spoken-digits | a folder",
     )
     train.add_argument("--image-size", type=_positive_int, default=None, help="folders: resize and crop to this")
-    train.add_argument("--model", default=None, help="image: tiny | small | cifar; text: tiny | small | base")
+    train.add_argument(
+        "--model", default=None, help="image: tiny | small | cifar; text: tiny | small | base; audio: tiny | small"
+    )
+    train.add_argument("--arch", default=None, help="audio network: unet (the default) | diffwave")
     train.add_argument("--steps", type=_positive_int, default=None)
     train.add_argument("--batch-size", type=_positive_int, default=None)
     train.add_argument("--lr", type=float, default=None)
@@ -220,6 +223,10 @@ def _train(args: argparse.Namespace) -> None:
     settings |= {k: v for k, v in flags.items() if v is not None}
     if args.unconditional:
         settings["conditional"] = False
+    if args.arch is not None:
+        if args.modality != "audio":
+            raise ValueError(f"--arch chooses the audio network; {args.modality} runs have one network each")
+        settings["extra"] = settings.get("extra", {}) | {"arch": args.arch}
     known = set(TrainConfig.__dataclass_fields__)
     unknown = sorted(set(settings) - known)
     if unknown:
