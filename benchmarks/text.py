@@ -30,6 +30,14 @@ def main() -> None:
     parser.add_argument("--model", default="small")
     parser.add_argument("--control-steps", type=int, default=3000, help="attribute-classifier training steps")
     parser.add_argument("--scale", type=float, default=3.0, help="control guidance scale")
+    parser.add_argument("--grad-steps", type=int, default=1, help="classifier-gradient steps per denoiser call")
+    parser.add_argument(
+        "--control-guidance",
+        type=float,
+        default=None,
+        help="also condition on the control as a partial MR, classifier-free guided with this scale",
+    )
+    parser.add_argument("--only-control", action="store_true", help="skip bits/token, fluency and BLEU")
     parser.add_argument(
         "--net",
         default='{"width": 128, "depth": 8}',
@@ -39,8 +47,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=50, help="samples per food value and for fluency (x4)")
     args = parser.parse_args()
 
-    from unnoise.language import bits_per_token, evaluate_text, load_text_run, train_text
-    from unnoise.text_control import control_success, load_classifier, sample_controlled, train_control, train_judge
+    from unnoise.language import load_text_run, train_text
+    from unnoise.text_control import train_control
     from unnoise.train import CPUBudget, TrainConfig
 
     out = Path(args.out)
@@ -70,11 +78,19 @@ def main() -> None:
         train_control(run_dir, steps=args.control_steps)
     run = load_text_run(run_dir)
     print(f"\ntrained {record['steps']} steps in {record['cpu_s']:.0f} CPU s ({record['wall_s']:.0f} s wall)")
+    if not args.only_control:
+        fluency_and_bleu(run, args.n)
+    control_table(run, run_dir, args)
+
+
+def fluency_and_bleu(run, n: int) -> None:
+    from unnoise.language import bits_per_token, evaluate_text
+
     for conditional in (False, True):
         bits, se = bits_per_token(run, n=400, conditional=conditional)
         given = "given the MR" if conditional else "unconditional"
         print(f"held-out negative ELBO ({given}, 400 sentences, 100 strata over t): {bits:.3f} +- {se:.3f} bits/token")
-    s = evaluate_text(run, n=4 * args.n, guidance=2.0)
+    s = evaluate_text(run, n=4 * n, guidance=2.0)
     print("| figure | generated | held-out real | ratio | goal |")
     print("|---|---|---|---|---|")
     print(f"| KN perplexity | {s['ppl_generated']:.1f} | {s['ppl_held_out']:.1f} | {s['ppl_ratio']:.2f} | <= 1.5 |")
@@ -82,20 +98,31 @@ def main() -> None:
     print(f"| distinct-2 | {d2[0]:.3f} | {d2[1]:.3f} | {d2[2]:.2f} | 0.8 to 1.2 |")
     if "bleu" in s:
         print(f"\ndata-to-text BLEU on {s['bleu_mrs']:.0f} held-out MRs (guidance 2): {s['bleu']:.4f}")
+
+
+def control_table(run, run_dir: Path, args: argparse.Namespace) -> None:
+    from unnoise.text_control import control_success, load_classifier, sample_controlled, train_judge
+
     classifier, judge = load_classifier(run_dir), train_judge(run)
     print(f"\njudge held-out accuracy: {judge.accuracy}")
-    print(f"| food | unguided | guided (scale {args.scale:g}) |")
+    how = f"scale {args.scale:g}, {args.grad_steps} gradient step(s)"
+    if args.control_guidance is not None:
+        how += f", classifier-free guidance {args.control_guidance:g} on the partial MR"
+    print(f"| food | unguided | guided ({how}) |")
     print("|---|---|---|")
-    guided_all = []
+    guided_all, examples = [], []
     for value in classifier.config.fields["food"]:
         rows = []
         for scale in (0.0, args.scale):
+            guide = dict(scale=scale, steps=args.grad_steps, guidance=args.control_guidance if scale else None)
             text = sample_controlled(
-                run, {"food": value}, n=args.n, sampler="ddpm", nfe=100, scale=scale, classifier=classifier
+                run, {"food": value}, n=args.n, sampler="ddpm", nfe=100, classifier=classifier, **guide
             )
             rows.append(control_success(text, "food", value, judge))
         guided_all.append(rows[1])
+        examples.append(f"{value}: {text[0]}")
         print(f"| {value} | {rows[0]:.0%} | {rows[1]:.0%} |", flush=True)
+    print("\nthe first guided sentence of each value:", *examples, sep="\n  ")
     mean = sum(guided_all) / len(guided_all)
     print(f"\nfood control success, mean over values: {mean:.1%} (goal >= 85%): {'met' if mean >= 0.85 else 'MISSED'}")
 

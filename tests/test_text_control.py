@@ -289,6 +289,27 @@ def test_end_to_end_on_e2e(tmp_path, small_e2e):
     assert 0 <= control_success(guided, "food", food, train_judge(run)) <= 1
     with pytest.raises(ValueError, match="train it for this run"):
         sample_controlled(run, {"food": "Chinese"}, n=1, nfe=2, classifier=small_classifier())
+    with pytest.raises(ValueError, match="needs a run conditioned on E2E meaning representations"):
+        sample_controlled(run, {"food": food}, n=1, nfe=2, guidance=2.0)
+
+
+def test_control_with_guidance_on_the_partial_mr(tmp_path, small_e2e):
+    """On an MR-conditional run, guidance=g samples from the model given the control as a partial MR
+    (classifier-free guided), and the classifier steers that."""
+    from unnoise.language import load_text_run, sample_text, train_text
+    from unnoise.text_control import sample_controlled, train_control
+    from unnoise.train import TrainConfig
+
+    cfg = TrainConfig(data="e2e", model="tiny", T=50, steps=3, batch_size=8, log_every=1,
+                      extra={"embed_dim": 8, "seq_len": 24})  # fmt: skip
+    train_text(cfg, tmp_path / "run", progress=False)
+    clf = train_control(tmp_path / "run", steps=5, width=16, depth=1)
+    run = load_text_run(tmp_path / "run")
+    food = clf.config.fields["food"][0]
+    plain = sample_controlled(run, {"food": food}, n=3, sampler="euler", nfe=4, scale=0.0, guidance=2.0, seed=3)
+    assert plain == sample_text(run, n=3, sampler="euler", nfe=4, mr=f"food[{food}]", guidance=2.0, seed=3)
+    steered = sample_controlled(run, {"food": food}, n=3, sampler="euler", nfe=4, scale=50.0, guidance=2.0, seed=3)
+    assert len(steered) == 3 and all(isinstance(s, str) for s in steered)
 
 
 def test_control_needs_an_e2e_run(tmp_path):

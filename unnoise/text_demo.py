@@ -34,7 +34,7 @@ def run_text_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict
     train_text(cfg, out / "run")
     train_s = time.perf_counter() - start
     run = load_text_run(out / "run")
-    generated = sample_text(run, n=200, sampler="dpmpp_2m", nfe=50, seed=seed)
+    generated = sample_text(run, n=200, sampler="dpmpp_2m_sde", nfe=50, seed=seed)
     save_sentences(out / "samples.txt", generated)
     print(f"trained {cfg.steps} steps in {train_s:.0f} s; wrote {out / 'samples.txt'}")
     for s in generated[:8]:
