@@ -1,4 +1,4 @@
-"""Audio end to end: DiffWave-style waveform diffusion on spoken digits, trained and sampled.
+"""Audio end to end: waveform diffusion on spoken digits (a 1-D U-Net or DiffWave), trained and sampled.
 
 The modality is a dataset of clips (unnoise.data.audio), a network and waveform scaling (clips are
 peak-normalised to [-1, 1]); the trainer (with the DDPM objective) and the samplers stay generic.
