@@ -82,10 +82,10 @@ def audio_net(cfg: TrainConfig, samples: int, num_classes: int | None) -> nn.Mod
         raise ValueError(f"unknown audio network {arch!r}; allowed: {', '.join(ARCHS)}")
     if cfg.model not in UNET_PRESETS:
         raise ValueError(f"unknown waveform U-Net preset {cfg.model!r}; allowed: {', '.join(UNET_PRESETS)}")
-    size = UNET_PRESETS[cfg.model] | over
-    levels = len(size["channel_mults"])
+    size = dict(dims=1, factor=4) | UNET_PRESETS[cfg.model] | over
+    lowest = samples // size["factor"] ** (len(size["channel_mults"]) - 1)
     # attention at the lowest level only: a few hundred positions that together span the clip
-    kw = dict(attention_resolutions=(samples // 4 ** (levels - 1),), dims=1, factor=4) | size
+    kw = dict(attention_resolutions=(lowest,)) | size
     config = UNetConfig(image_size=samples, in_channels=1, num_classes=num_classes, **kw)
     cfg.extra["unet"] = dataclasses.asdict(config)
     return UNet(config)
