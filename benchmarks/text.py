@@ -20,7 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 
 def main() -> None:
@@ -40,47 +45,80 @@ def main() -> None:
     parser.add_argument("--only-control", action="store_true", help="skip bits/token, fluency and BLEU")
     parser.add_argument(
         "--net",
-        default='{"width": 128, "depth": 8}',
+        default='{"width": 128, "depth": 8, "dropout": 0.0}',
         help="transformer settings over the preset (JSON); the default trades width for 6x the steps of 'small'",
     )
+    parser.add_argument("--batch-size", type=int, default=32, help="global batch (split between the processes)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (after 200 warm-up steps)")
+    parser.add_argument("--lr-decay", default="constant", help="constant | cosine (to 0 at --steps)")
+    parser.add_argument("--steps", type=int, default=10**7, help="at most this many steps (the budget ends first)")
     parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 autocast)")
     parser.add_argument("--n", type=int, default=50, help="samples per food value and for fluency (x4)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="train with this many torchrun processes (DDP), the cores split between them; 1: one process",
+    )
+    parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from unnoise.language import load_text_run, train_text
+    from unnoise.language import load_text_run
     from unnoise.text_control import train_control
-    from unnoise.train import CPUBudget, TrainConfig
 
     out = Path(args.out)
     run_dir = out / "run"
+    if args.train_only:
+        return train(args, run_dir)
     if not (run_dir / "done.json").exists():
-        cfg = TrainConfig(
-            data="e2e",
-            model=args.model,
-            schedule="sqrt",
-            steps=10**7,
-            batch_size=64,
-            lr=5e-4,
-            warmup=200,
-            save_every=1000,
-            log_every=50,
-            ema_decay=0.999,
-            bf16=not args.fp32,
-            extra={"embed_dim": 16, "seq_len": 48, "net": json.loads(args.net)},
-        )
-        budget = CPUBudget(args.minutes)
-        train_text(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget)
-        record = budget.used()
-        record["steps"] = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
-        (run_dir / "done.json").write_text(json.dumps(record))
+        if args.processes > 1:  # the same script, training only, under torchrun
+            env = os.environ | {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.processes))}
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+            subprocess.run([*cmd, str(args.processes), __file__, "--train-only", *sys.argv[1:]], env=env, check=True)
+        else:
+            train(args, run_dir)
     record = json.loads((run_dir / "done.json").read_text())
     if not (run_dir / "control").is_dir():
         train_control(run_dir, steps=args.control_steps)
     run = load_text_run(run_dir)
-    print(f"\ntrained {record['steps']} steps in {record['cpu_s']:.0f} CPU s ({record['wall_s']:.0f} s wall)")
+    how = f"{record.get('processes', 1)} process(es) of {record.get('threads', '?')} thread(s)"
+    print(f"\ntrained {record['steps']} steps in {record['cpu_s']:.0f} CPU s ({record['wall_s']:.0f} s wall, {how})")
     if not args.only_control:
         fluency_and_bleu(run, args.n)
     control_table(run, run_dir, args)
+
+
+def train(args: argparse.Namespace, run_dir: Path) -> None:
+    """Train for the budget: in this process, or in each of torchrun's (which share the budget)."""
+    from unnoise import distributed
+    from unnoise.language import train_text
+    from unnoise.train import CPUBudget, TrainConfig
+
+    shard = distributed.init()
+    cfg = TrainConfig(
+        data="e2e",
+        model=args.model,
+        schedule="sqrt",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        warmup=200,
+        save_every=1000,
+        log_every=50,
+        ema_decay=0.999,
+        bf16=not args.fp32,
+        extra={"embed_dim": 16, "seq_len": 48, "net": json.loads(args.net)},
+    )
+    budget = CPUBudget(args.minutes)  # each process's share
+    train_text(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget, progress=shard.main)
+    record = budget.used()
+    record["cpu_s"] = distributed.mean(record["cpu_s"]) * shard.world  # all processes together
+    record |= {"processes": shard.world, "threads": torch.get_num_threads()}
+    if shard.main:
+        record["steps"] = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
+        (run_dir / "done.json").write_text(json.dumps(record))
+    distributed.close()
 
 
 def fluency_and_bleu(run, n: int) -> None:

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,9 +9,10 @@ import time
 import pytest
 import torch
 
+from unnoise import distributed
 from unnoise.checkpoint import latest_checkpoint, read_safetensors
 from unnoise.imaging import train_images
-from unnoise.train import Batches, TrainConfig, TrainState, ema_decay, learning_rate
+from unnoise.train import Batches, CPUBudget, TrainConfig, TrainState, ema_decay, learning_rate
 
 
 def tiny(**kw) -> TrainConfig:
@@ -25,6 +27,25 @@ def test_config_is_checked():
         TrainConfig(loss="l1")
     with pytest.raises(ValueError, match=r"p_uncond must lie in \[0, 1\)"):
         TrainConfig(p_uncond=1.0)
+
+
+def test_cpu_budget_is_shared_between_processes(monkeypatch):
+    cores = os.cpu_count() or 1
+    assert CPUBudget(2).seconds == 2 * 60 * cores  # one process: all the machine's cores
+    monkeypatch.setattr(distributed, "current", lambda: distributed.Shard(1, 4))
+    assert CPUBudget(2).seconds == 2 * 60 * cores / 4  # each of 4 torchrun processes: a quarter
+
+
+def test_cosine_decay():
+    cfg = TrainConfig(lr=1e-3, warmup=10, steps=110, lr_decay="cosine")
+    assert learning_rate(cfg, 0) == pytest.approx(1e-4)  # warm-up as with a constant rate
+    assert learning_rate(cfg, 10) == pytest.approx(1e-3)  # the peak, at the end of warm-up
+    assert learning_rate(cfg, 60) == pytest.approx(0.5e-3)  # half way: cos(pi / 2) = 0
+    assert learning_rate(cfg, 35) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    for step in (110, 500):  # 0 at `steps` and after it
+        assert learning_rate(cfg, step) == pytest.approx(0.0, abs=1e-15)
+    with pytest.raises(ValueError, match="lr_decay"):
+        TrainConfig(lr_decay="linear")
 
 
 def test_warmups():

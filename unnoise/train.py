@@ -57,6 +57,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup: int = 100
+    lr_decay: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine reaches 0 at `steps`
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
@@ -75,6 +76,8 @@ class TrainConfig:
             raise ValueError(f"p_uncond must lie in [0, 1), got {self.p_uncond}")
         if self.loss not in ("simple", "hybrid", "min_snr"):
             raise ValueError(f"unknown loss {self.loss!r}; allowed: simple, hybrid, min_snr")
+        if self.lr_decay not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_decay {self.lr_decay!r}; allowed: constant, cosine")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
 
@@ -92,10 +95,14 @@ class TrainState:
 
 class CPUBudget:
     """A training budget in process CPU seconds: ``minutes`` of all the machine's cores. Other load
-    on the machine slows a run but does not shorten it. Pass it as ``train(stop=...)``."""
+    on the machine slows a run but does not shorten it. Pass it as ``train(stop=...)``.
+
+    Under torchrun (create it after :func:`unnoise.distributed.init`) each of the W processes gets
+    1/W of it, so the processes together spend the same CPU time as one would; ``train`` stops
+    them all when the first runs out."""
 
     def __init__(self, minutes: float) -> None:
-        self.seconds = minutes * 60 * (os.cpu_count() or 1)
+        self.seconds = minutes * 60 * (os.cpu_count() or 1) / distributed.current().world
         self.start, self.wall = time.process_time(), time.perf_counter()
 
     def __call__(self, step: int) -> bool:
@@ -106,8 +113,14 @@ class CPUBudget:
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """Linear warm-up to ``lr``, then constant (the EMA does the averaging)."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up to ``lr``, then constant (the EMA does the averaging) or, with
+    ``lr_decay="cosine"``, half a cosine from ``lr`` at the end of warm-up to 0 at ``cfg.steps``
+    (Loshchilov & Hutter 2017, without restarts): a short run ends at a low rate, not mid-stride."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_decay == "constant":
+        return cfg.lr * warm
+    progress = min(1.0, max(0, step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def ema_decay(cfg: TrainConfig, step: int) -> float:
