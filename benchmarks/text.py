@@ -3,8 +3,14 @@
 Trains ``unnoise.language.train_text`` on E2E (dev + test CSVs from ../shared/data/e2e, split by
 meaning representation; conditional on the MR with the null MR dropped in 10% of the time, so
 one model serves unconditional, data-to-text and controlled generation) for ``--minutes`` of the
-whole machine (process CPU seconds = minutes x 60 x cores), then the attribute classifier
-(``unnoise train control``), and prints:
+whole machine (process CPU seconds = minutes x 60 x cores, all processes together), then the
+attribute classifier (``unnoise train control``), and prints the figures below.
+
+Training runs as ``--processes`` torchrun processes (DDP over gloo, default one per core, one
+thread each): this small transformer barely gains from a second thread in one process, so two
+processes take about twice the sentences per CPU second, and the small batch (32) four times the
+optimizer steps of one two-thread process at batch 64 (6,132 steps an hour before; the model is
+far from converged, and steps are what it lacks). Then it prints:
 
 - held-out bits/token (negative ELBO), unconditional and given the meaning representation;
 - perplexity (Kneser-Ney trigram fitted on the training split) of generated against held-out
@@ -13,7 +19,7 @@ whole machine (process CPU seconds = minutes x 60 x cores), then the attribute c
 - control success for every food value (mentioned, and a bag-of-n-grams judge trained on real
   sentences agrees), unguided and guided (goal: >= 85% for food type; Diffusion-LM: 81.2%).
 
-Run: python benchmarks/text.py [--minutes 60] [--out bench-text]
+Run: python benchmarks/text.py [--minutes 60] [--out bench-text] [--processes 1]
 """
 
 from __future__ import annotations
@@ -34,13 +40,13 @@ def main() -> None:
     parser.add_argument("--out", default="bench-text")
     parser.add_argument("--model", default="small")
     parser.add_argument("--control-steps", type=int, default=3000, help="attribute-classifier training steps")
-    parser.add_argument("--scale", type=float, default=3.0, help="control guidance scale")
-    parser.add_argument("--grad-steps", type=int, default=1, help="classifier-gradient steps per denoiser call")
+    parser.add_argument("--scale", type=float, default=10.0, help="control guidance scale")
+    parser.add_argument("--grad-steps", type=int, default=3, help="classifier-gradient steps per denoiser call")
     parser.add_argument(
         "--control-guidance",
         type=float,
-        default=None,
-        help="also condition on the control as a partial MR, classifier-free guided with this scale",
+        default=3.0,
+        help="also condition on the control as a partial MR, classifier-free guided with this scale (0: off)",
     )
     parser.add_argument("--only-control", action="store_true", help="skip bits/token, fluency and BLEU")
     parser.add_argument(
@@ -144,15 +150,16 @@ def control_table(run, run_dir: Path, args: argparse.Namespace) -> None:
     classifier, judge = load_classifier(run_dir), train_judge(run)
     print(f"\njudge held-out accuracy: {judge.accuracy}")
     how = f"scale {args.scale:g}, {args.grad_steps} gradient step(s)"
-    if args.control_guidance is not None:
-        how += f", classifier-free guidance {args.control_guidance:g} on the partial MR"
+    cfg_scale = args.control_guidance or None  # 0: the classifier alone, on the unconditional model
+    if cfg_scale is not None:
+        how += f", classifier-free guidance {cfg_scale:g} on the partial MR"
     print(f"| food | unguided | guided ({how}) |")
     print("|---|---|---|")
     guided_all, examples = [], []
     for value in classifier.config.fields["food"]:
         rows = []
         for scale in (0.0, args.scale):
-            guide = dict(scale=scale, steps=args.grad_steps, guidance=args.control_guidance if scale else None)
+            guide = dict(scale=scale, steps=args.grad_steps, guidance=cfg_scale if scale else None)
             text = sample_controlled(
                 run, {"food": value}, n=args.n, sampler="ddpm", nfe=100, classifier=classifier, **guide
             )
