@@ -1,11 +1,11 @@
 """Class-conditional spoken digits on CPU: train a waveform network for a CPU budget, then judge its clips.
 
-Trains ``unnoise.audio.train_audio`` on the synthesised spoken digits (8 kHz, 1 s clips; 90% of
+Trains ``unnoise.modalities.audio.pipeline.train_audio`` on the synthesised spoken digits (8 kHz, 1 s clips; 90% of
 690 clips) with the waveform U-Net (``--arch unet``, the default) or a DiffWave (``--arch diffwave``)
 for ``--minutes`` of the whole machine (process CPU seconds = minutes x 60 x cores,
 so other load on the machine does not shorten it), then, for a few samplers, NFE and guidance
 scales, draws 10 clips per digit and prints DiffWave's SC09 figures scaled down: the accuracy of
-the spoken-digit classifier (``unnoise.audio_metrics``) on them, the Frechet distance between
+the spoken-digit classifier (``unnoise.modalities.audio.metrics``) on them, the Frechet distance between
 its features of generated and held-out real clips, and the real-time factor of generation on
 this machine. Reference rows: the classifier on the held-out real clips, and the distance
 between two real sets (held-out vs training).
@@ -55,9 +55,9 @@ def main() -> None:
     parser.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 autocast, 1.5x faster)")
     args = parser.parse_args()
 
-    from unnoise import audio_metrics
-    from unnoise.audio import audio_dataset, evaluate_audio, load_audio_run, train_audio
-    from unnoise.train import CPUBudget, TrainConfig
+    from unnoise.modalities.audio import metrics as audio_metrics
+    from unnoise.modalities.audio.pipeline import audio_dataset, evaluate_audio, load_audio_run, train_audio
+    from unnoise.training.loop import CPUBudget, TrainConfig
 
     out = Path(args.out)
     run_dir = out / "run"

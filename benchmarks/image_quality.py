@@ -40,15 +40,15 @@ NFE = 50
 
 
 def train_unnoise(out: Path, minutes: float, n: int) -> dict:
-    from unnoise.imaging import sample_images, train_images
-    from unnoise.train import CPUBudget, TrainConfig
+    from unnoise.modalities.image.pipeline import sample_images, train_images
+    from unnoise.training.loop import CPUBudget, TrainConfig
 
     cfg = TrainConfig(data="fashion-mnist", model="small", bf16=True, steps=10**7, save_every=10**7, log_every=100)
     budget = CPUBudget(minutes)
     net = train_images(cfg, out / "unnoise-run", progress=False, stop=budget)
     steps = json.loads((out / "unnoise-run" / "log.jsonl").read_text().splitlines()[-1])["step"]
     record = {"steps": steps} | budget.used()
-    from unnoise.imaging import load_run
+    from unnoise.modalities.image.pipeline import load_run
 
     run = load_run(out / "unnoise-run")
     del net
@@ -67,8 +67,8 @@ def train_diffusers(out: Path, minutes: float, n: int) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from train_throughput import build
 
-    from unnoise.data.images import load_fashion_mnist, to_model, to_uint8
-    from unnoise.train import CPUBudget
+    from unnoise.modalities.image.data import load_fashion_mnist, to_model, to_uint8
+    from unnoise.training.loop import CPUBudget
 
     torch.manual_seed(0)
     x0 = to_model(load_fashion_mnist("train").images)
@@ -116,15 +116,15 @@ def train_diffusers(out: Path, minutes: float, n: int) -> dict:
 
 
 def save(out: Path, name: str, images: torch.Tensor) -> None:
-    from unnoise.images_io import save_grid
+    from unnoise.modalities.image.io import save_grid
 
     np.savez(out / f"{name}.npz", images=images.numpy())
     save_grid(out / f"{name}.png", images[:: max(1, len(images) // 100)][:100], nrow=10, scale=2)
 
 
 def reference_stats(out: Path, features) -> tuple[np.ndarray, np.ndarray]:
-    from unnoise.data.images import load_fashion_mnist
     from unnoise.metrics import gaussian_fit
+    from unnoise.modalities.image.data import load_fashion_mnist
 
     cache = out / "reference_stats.npz"
     if not cache.exists():
@@ -136,8 +136,8 @@ def reference_stats(out: Path, features) -> tuple[np.ndarray, np.ndarray]:
 
 def compare_samplers(out: Path, nfe: int, n: int) -> None:
     """FID@n of the trained unnoise run in OUT with a few samplers at ``nfe`` (class-balanced, no guidance)."""
-    from unnoise.imaging import load_run, sample_images
     from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
+    from unnoise.modalities.image.pipeline import load_run, sample_images
 
     run, features = load_run(out / "unnoise-run"), InceptionFeatures()
     ref = reference_stats(out, features)

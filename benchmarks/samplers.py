@@ -27,11 +27,11 @@ from functools import partial
 import torch
 
 import unnoise
-from unnoise.data.toy import GaussianMixture, ring_mixture
-from unnoise.interop import run_scheduler
 from unnoise.metrics import frechet_distance
-from unnoise.samplers import SAMPLERS
-from unnoise.sampling import DEFAULT_GRIDS
+from unnoise.modalities.toy.data import GaussianMixture, ring_mixture
+from unnoise.sampling.front import DEFAULT_GRIDS
+from unnoise.sampling.interop import run_scheduler
+from unnoise.sampling.samplers import SAMPLERS
 
 f64 = torch.float64
 OURS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_bh1", "unipc_3", "lms"]
@@ -127,7 +127,7 @@ def their_start(cls: str, kw: dict, sched) -> float:
     """diffusers' first noise level for this scheduler (leading spacing starts below sigma_max)."""
     import diffusers
 
-    from unnoise.interop import scheduler_sigmas
+    from unnoise.sampling.interop import scheduler_sigmas
 
     return float(scheduler_sigmas(getattr(diffusers, cls)(**kw), 10)[0])
 
@@ -225,7 +225,7 @@ def overhead(shapes: list[tuple[int, ...]], steps: int = 50, repeats: int = 5) -
         "unipc": ("unipc", "UniPCMultistepScheduler"),
         "ddim": ("ddim", "DDIMScheduler"),
     }
-    grid = unnoise.grids.make_grid("karras", steps, 0.01, 80.0)
+    grid = unnoise.sampling.grids.make_grid("karras", steps, 0.01, 80.0)
     for shape in shapes:
         x = torch.randn(shape)
         for label, (ours, cls) in pairs.items():

@@ -1,6 +1,6 @@
 """Diffusion-LM on E2E within a CPU budget: fluency, diversity, data-to-text BLEU and food control.
 
-Trains ``unnoise.language.train_text`` on E2E (dev + test CSVs from ../shared/data/e2e, split by
+Trains ``unnoise.modalities.text.pipeline.train_text`` on E2E (dev + test CSVs from ../shared/data/e2e, split by
 meaning representation; conditional on the MR with the null MR dropped in 10% of the time, so
 one model serves unconditional, data-to-text and controlled generation) for ``--minutes`` of the
 whole machine (process CPU seconds = minutes x 60 x cores, all processes together), then the
@@ -69,8 +69,8 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from unnoise.language import load_text_run
-    from unnoise.text_control import train_control
+    from unnoise.modalities.text.control import train_control
+    from unnoise.modalities.text.pipeline import load_text_run
 
     out = Path(args.out)
     run_dir = out / "run"
@@ -96,9 +96,9 @@ def main() -> None:
 
 def train(args: argparse.Namespace, run_dir: Path) -> None:
     """Train for the budget: in this process, or in each of torchrun's (which share the budget)."""
-    from unnoise import distributed
-    from unnoise.language import train_text
-    from unnoise.train import CPUBudget, TrainConfig
+    from unnoise.modalities.text.pipeline import train_text
+    from unnoise.training import distributed
+    from unnoise.training.loop import CPUBudget, TrainConfig
 
     shard = distributed.init()
     cfg = TrainConfig(
@@ -128,7 +128,7 @@ def train(args: argparse.Namespace, run_dir: Path) -> None:
 
 
 def fluency_and_bleu(run, n: int) -> None:
-    from unnoise.language import bits_per_token, evaluate_text
+    from unnoise.modalities.text.pipeline import bits_per_token, evaluate_text
 
     for conditional in (False, True):
         bits, se = bits_per_token(run, n=400, conditional=conditional)
@@ -145,7 +145,7 @@ def fluency_and_bleu(run, n: int) -> None:
 
 
 def control_table(run, run_dir: Path, args: argparse.Namespace) -> None:
-    from unnoise.text_control import control_success, load_classifier, sample_controlled, train_judge
+    from unnoise.modalities.text.control import control_success, load_classifier, sample_controlled, train_judge
 
     classifier, judge = load_classifier(run_dir), train_judge(run)
     print(f"\njudge held-out accuracy: {judge.accuracy}")

@@ -57,7 +57,7 @@ def call(net, side: str, x, t):
 def run_one(name: str, steps: int, warmup: int = 5) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from unnoise.data.images import load_fashion_mnist, to_model
+    from unnoise.modalities.image.data import load_fashion_mnist, to_model
     from unnoise.schedules import make_schedule
 
     cfg = CONFIGS[name]

@@ -4,7 +4,7 @@ For each sampler and each NFE in (5, 10, 20, 50), the objective is the mean log 
 against a high-accuracy PF-ODE solution, over the benchmark's six problems (2-D, 32-D and
 32-D-far mixtures x linear and cosine schedules), on noise drawn with another seed than
 benchmarks/samplers.py uses. Prints the fitted parameters, keyed by the number of grid steps,
-as unnoise.grids.TUNED holds them.
+as unnoise.sampling.grids.TUNED holds them.
 
 Run: python benchmarks/tune_grids.py [sampler ...]   (about a minute per sampler)
 """
@@ -19,10 +19,10 @@ import torch
 from samplers import mixture_32d, reference_solution
 
 import unnoise
-from unnoise.data.toy import ring_mixture
-from unnoise.grids import density_grid
-from unnoise.samplers import SAMPLERS
-from unnoise.sampling import steps_for_nfe
+from unnoise.modalities.toy.data import ring_mixture
+from unnoise.sampling.front import steps_for_nfe
+from unnoise.sampling.grids import density_grid
+from unnoise.sampling.samplers import SAMPLERS
 
 f64 = torch.float64
 NFES = (5, 10, 20, 50)

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from unnoise.data.toy import GaussianMixture
+from unnoise.modalities.toy.data import GaussianMixture
 
 f64 = torch.float64
 

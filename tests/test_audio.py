@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unnoise.audio_io import save_spectrogram_grid, save_wav
-from unnoise.data.audio import (
+from unnoise.modalities.audio.data import (
     AudioDataset,
     fit_length,
     load_asterisk_digits,
@@ -17,6 +16,7 @@ from unnoise.data.audio import (
     read_wav,
     resample,
 )
+from unnoise.modalities.audio.io import save_spectrogram_grid, save_wav
 
 
 def write_wav(path, x: np.ndarray, rate: int, width: int = 2) -> None:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import unnoise.audio_metrics as am
-from unnoise.audio_metrics import (
+import unnoise.modalities.audio.metrics as am
+from unnoise.modalities.audio.metrics import (
     DigitClassifier,
     DigitClassifierConfig,
     accuracy,
@@ -260,9 +260,9 @@ def test_cache_never_unpickles_and_retrains_over_a_damaged_file(tmp_path, monkey
 def test_digit_classifier_on_spoken_digits(tmp_path, monkeypatch):
     if shutil.which("espeak-ng") is None and not any((Path.home() / ".cache/unnoise/spoken-digits").glob("*/*.wav")):
         pytest.skip("needs espeak-ng (apt-get install espeak-ng) or ~/.cache/unnoise/spoken-digits to build the data")
-    from unnoise.audio import audio_dataset
-    from unnoise.data.audio import load_asterisk_digits
-    from unnoise.train import TrainConfig
+    from unnoise.modalities.audio.data import load_asterisk_digits
+    from unnoise.modalities.audio.pipeline import audio_dataset
+    from unnoise.training.loop import TrainConfig
 
     start = time.perf_counter()
     model = digit_classifier(cache=tmp_path)

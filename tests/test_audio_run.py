@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import one_line_exit_2
 
-from unnoise.cli import main
+from unnoise.cli.main import main
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def run(tmp_path_factory):
 
 
 def test_sample_writes_wavs_and_spectrograms(run, tmp_path):
-    from unnoise.data.audio import read_wav
+    from unnoise.modalities.audio.data import read_wav
 
     argv = ["sample", "audio", "--run", str(run), "--n", "3", "--nfe", "3", "--guidance", "2", "--out"]
     assert main([*argv, str(tmp_path / "clips")]) == 0
@@ -59,7 +59,7 @@ def test_eval_prints_accuracy_distance_and_real_time_factor(run, capsys, monkeyp
     """The plumbing, with an untrained judge (the trained one is tested in test_audio_metrics.py)."""
     import torch
 
-    from unnoise import audio_metrics
+    from unnoise.modalities.audio import metrics as audio_metrics
 
     torch.manual_seed(0)
     judge = audio_metrics.DigitClassifier(audio_metrics.DigitClassifierConfig.for_rate(8000)).eval()
@@ -85,7 +85,7 @@ def test_audio_demo_writes_wavs_and_spectrograms(tmp_path, capsys):
 
 
 def test_bf16_sampling_is_close_to_float32(run):
-    from unnoise.audio import load_audio_run, sample_audio
+    from unnoise.modalities.audio.pipeline import load_audio_run, sample_audio
 
     loaded = load_audio_run(run)
     exact, labels = sample_audio(loaded, n=2, nfe=3, guidance=2.0, bf16=False)
@@ -97,7 +97,7 @@ def test_bf16_sampling_is_close_to_float32(run):
 def test_both_audio_networks_train_sample_and_reload(run, tmp_path):
     """The default network is the waveform U-Net; --arch diffwave trains a DiffWave: same trainer,
     checkpoints and samplers."""
-    from unnoise.audio import load_audio_run, sample_audio
+    from unnoise.modalities.audio.pipeline import load_audio_run, sample_audio
     from unnoise.nets.unet import UNet
     from unnoise.nets.wavenet import DiffWave
 

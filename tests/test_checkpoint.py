@@ -16,8 +16,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-import unnoise.checkpoint as ckpt
-from unnoise.checkpoint import (
+import unnoise.training.checkpoint as ckpt
+from unnoise.training.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_config,

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from unnoise.cli import main
-from unnoise.demo import DemoConfig, run_demo
+from unnoise.cli.main import main
+from unnoise.modalities.toy.demo import DemoConfig, run_demo
 
 
 def test_help_lists_the_subcommands():
@@ -22,12 +22,12 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, capsys):
 
 
 def test_value_errors_become_one_line(monkeypatch, capsys):
-    import unnoise.demo
+    import unnoise.modalities.toy.demo
 
     def boom(cfg):
         raise ValueError("something is wrong; allowed: this")
 
-    monkeypatch.setattr(unnoise.demo, "run_demo", boom)
+    monkeypatch.setattr(unnoise.modalities.toy.demo, "run_demo", boom)
     assert main(["demo", "toy"]) == 2
     assert capsys.readouterr().err == "unnoise demo: error: something is wrong; allowed: this\n"
 
@@ -42,7 +42,7 @@ def test_small_demo_writes_its_picture_and_figures(tmp_path):
 @pytest.mark.slow
 def test_image_demo_writes_samples_trajectory_and_bits_per_dim(tmp_path, capsys):
     """`unnoise demo` (images), shortened: its files and its printed figure."""
-    from unnoise.image_demo import run_image_demo
+    from unnoise.modalities.image.demo import run_image_demo
 
     figures = run_image_demo(tmp_path, steps=20)
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "trajectory.png").is_file()

@@ -7,7 +7,7 @@ import pytest
 from conftest import one_line_exit_2
 from PIL import Image
 
-from unnoise.cli import main
+from unnoise.cli.main import main
 
 
 @pytest.fixture(scope="module")

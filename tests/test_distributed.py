@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from unnoise import distributed
-from unnoise.checkpoint import latest_checkpoint
-from unnoise.data.images import load_images, to_model
-from unnoise.distributed import Draws, Shard
+from unnoise.modalities.image.data import load_images, to_model
 from unnoise.nets.unet import UNet, UNetConfig
-from unnoise.train import TrainConfig, diffusion_objective, train
+from unnoise.training import distributed
+from unnoise.training.checkpoint import latest_checkpoint
+from unnoise.training.distributed import Draws, Shard
+from unnoise.training.loop import TrainConfig, diffusion_objective, train
 
 
 def test_rows_split_a_global_batch_in_rank_order():
@@ -152,7 +152,7 @@ def _weights_at_start() -> dict[str, torch.Tensor]:
 
 
 def _sample_and_score(run: Path, out: Path) -> None:
-    from unnoise.imaging import eval_bpd, load_run, sample_images_sharded
+    from unnoise.modalities.image.pipeline import eval_bpd, load_run, sample_images_sharded
 
     loaded = load_run(run)
     images, labels = sample_images_sharded(loaded, n=11, batch_size=4, sampler="dpmpp_2m_sde", nfe=6, seed=7)
@@ -163,7 +163,7 @@ def _sample_and_score(run: Path, out: Path) -> None:
 
 @pytest.mark.slow
 def test_sharded_sampling_and_bits_per_dim_do_not_depend_on_the_number_of_processes(tmp_path):
-    from unnoise.imaging import train_images
+    from unnoise.modalities.image.pipeline import train_images
 
     cfg = TrainConfig(data="digits", model="tiny", T=40, steps=3, batch_size=16, save_every=3)
     train_images(cfg, tmp_path / "run", progress=False)

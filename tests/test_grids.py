@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from unnoise.grids import TUNED, density_grid, make_grid, tuned_parameters
+from unnoise.sampling.grids import TUNED, density_grid, make_grid, tuned_parameters
 from unnoise.schedules import make_schedule
 
 f64 = torch.float64
@@ -100,8 +100,8 @@ def test_ddpm_on_the_diffwave_grid_is_diffwaves_fast_sampler():
     Gaussian data x0 ~ N(mu, s^2), so both sides use the exact model; the same normal draws in
     the same order. float64: equal to rounding.
     """
-    from unnoise.grids import DIFFWAVE_FAST_BETAS
-    from unnoise.samplers import sample_ddpm
+    from unnoise.sampling.grids import DIFFWAVE_FAST_BETAS
+    from unnoise.sampling.samplers import sample_ddpm
 
     mu, s = 0.3, 0.5
     beta = torch.tensor(DIFFWAVE_FAST_BETAS, dtype=torch.float64)

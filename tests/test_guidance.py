@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from unnoise.data.toy import GaussianMixture
 from unnoise.guidance import classifier_free, classifier_guidance, inpaint
+from unnoise.modalities.toy.data import GaussianMixture
 
 f64 = torch.float64
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from unnoise.data import images as image_data
-from unnoise.data.images import (
+from unnoise.modalities.image import data as image_data
+from unnoise.modalities.image.data import (
     FASHION_MNIST_CLASSES,
     ImageDataset,
     load_digits,
@@ -19,7 +19,7 @@ from unnoise.data.images import (
     to_model,
     to_uint8,
 )
-from unnoise.images_io import save_grid, save_npz, save_trajectory
+from unnoise.modalities.image.io import save_grid, save_npz, save_trajectory
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import one_line_exit_2
 
-from unnoise.cli import main
-from unnoise.language import fluency, load_text_run, parse_template, sample_text
+from unnoise.cli.main import main
+from unnoise.modalities.text.pipeline import fluency, load_text_run, parse_template, sample_text
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +84,8 @@ def test_bad_text_data(tmp_path, capsys):
 
 def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     """A tiny conditional model on E2E: MR conditions, classifier-free guided sampling, MR errors."""
-    pytest.importorskip("unnoise.data.text")
-    from unnoise.data.text import load_e2e
+    pytest.importorskip("unnoise.modalities.text.data")
+    from unnoise.modalities.text.data import load_e2e
 
     try:
         load_e2e()

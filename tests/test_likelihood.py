@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from unnoise.data.toy import GaussianMixture, ring_mixture
 from unnoise.likelihood import log_likelihood
+from unnoise.modalities.toy.data import GaussianMixture, ring_mixture
 
 f64 = torch.float64
 SIGMA_MIN, SIGMA_MAX = 1e-3, 80.0

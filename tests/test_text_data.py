@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from unnoise.data import text as text_data
-from unnoise.data.text import (
+from unnoise.modalities.text import data as text_data
+from unnoise.modalities.text.data import (
     E2E_ATTRIBUTES,
     SPECIAL_TOKENS,
     TINY_CORPUS,

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
+from unnoise.modalities.text.diffusion_lm import WordEmbedding, clamping, diffusion_lm_loss, infill, text_denoiser
 from unnoise.schedules import make_schedule
-from unnoise.text_diffusion import WordEmbedding, clamping, diffusion_lm_loss, infill, text_denoiser
 
 B, L, V, E = 3, 5, 11, 4
 
@@ -217,7 +217,7 @@ def _gaussian_case(T: int = 40, L: int = 3, E: int = 4):
 
 @pytest.mark.parametrize("steps", [None, 7])
 def test_text_elbo_terms_have_their_closed_form_means(steps):
-    from unnoise.text_diffusion import text_elbo
+    from unnoise.modalities.text.diffusion_lm import text_elbo
 
     net, emb, schedule, ids, expected = _gaussian_case()
     e = text_elbo(net, emb, ids, schedule, steps=steps, generator=torch.Generator().manual_seed(0))
@@ -232,7 +232,7 @@ def test_text_elbo_terms_have_their_closed_form_means(steps):
 
 
 def test_text_elbo_calls_the_network_once_per_stratum():
-    from unnoise.text_diffusion import text_elbo
+    from unnoise.modalities.text.diffusion_lm import text_elbo
 
     net, emb, schedule, ids, _ = _gaussian_case(T=12)
     for steps, strata in ((None, [[t] for t in range(2, 13)]), (11, [[t] for t in range(2, 13)]), (3, None)):
@@ -252,7 +252,7 @@ def test_text_elbo_calls_the_network_once_per_stratum():
 
 def test_text_elbo_penalises_a_biased_network_by_its_closed_form_and_rejects_bad_input():
     from unnoise.diffusion import posterior_coefficients
-    from unnoise.text_diffusion import text_elbo
+    from unnoise.modalities.text.diffusion_lm import text_elbo
 
     net, emb, schedule, ids, _ = _gaussian_case()
     delta, d = 0.1, ids.shape[1] * emb.dim

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from unnoise import distributed
-from unnoise.checkpoint import latest_checkpoint, read_safetensors
-from unnoise.imaging import train_images
-from unnoise.train import Batches, CPUBudget, TrainConfig, TrainState, ema_decay, learning_rate
+from unnoise.modalities.image.pipeline import train_images
+from unnoise.training import distributed
+from unnoise.training.checkpoint import latest_checkpoint, read_safetensors
+from unnoise.training.loop import Batches, CPUBudget, TrainConfig, TrainState, ema_decay, learning_rate
 
 
 def tiny(**kw) -> TrainConfig:

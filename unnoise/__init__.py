@@ -4,8 +4,8 @@ Sigma-space is the common language (``x = x0 + sigma n``); see the README and DE
 """
 
 from unnoise.model import DiffusionModel
-from unnoise.samplers import SAMPLERS
-from unnoise.sampling import sample
+from unnoise.sampling.front import sample
+from unnoise.sampling.samplers import SAMPLERS
 from unnoise.schedules import DiscreteSchedule, make_schedule
 
 __all__ = ["SAMPLERS", "DiffusionModel", "DiscreteSchedule", "make_schedule", "sample"]

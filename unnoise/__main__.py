@@ -1,5 +1,5 @@
 import sys
 
-from unnoise.cli import main
+from unnoise.cli.main import main
 
 sys.exit(main())

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from unnoise.diffusion import PREDICTIONS, Prediction, expand, x0_from_prediction
-from unnoise.samplers import Denoiser
+from unnoise.sampling.samplers import Denoiser
 from unnoise.schedules import DiscreteSchedule
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from unnoise.diffusion import expand
-from unnoise.samplers import Denoiser, Generator, randn_like
+from unnoise.sampling.samplers import Denoiser, Generator, randn_like
 
 ConditionalDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # D(x, sigma, labels) -> x0_hat
 LogProb = Callable[[Tensor, Tensor], Tensor]  # log p(y | x_sigma), (B,)

@@ -23,8 +23,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from unnoise.ode import solve_rk45
-from unnoise.samplers import Denoiser
+from unnoise.sampling.ode import solve_rk45
+from unnoise.sampling.samplers import Denoiser
 
 Trace = Literal["exact", "hutchinson"]
 TRACES: tuple[str, ...] = ("exact", "hutchinson")

@@ -1,6 +1,6 @@
 """Images end to end: train a U-Net on an image dataset, load a run, sample and evaluate it.
 
-The modality is a dataset (unnoise.data.images), a network (unnoise.nets.unet) and an
+The modality is a dataset (unnoise.modalities.image.data), a network (unnoise.nets.unet) and an
 encode/decode pair (uint8 pixels <-> [-1, 1]); the trainer and the samplers stay generic.
 """
 
@@ -15,17 +15,17 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
-from unnoise.data.images import ImageDataset, load_images, to_model, to_uint8
 from unnoise.denoisers import clipped, labelled
-from unnoise.distributed import map_chunks
 from unnoise.guidance import conditioned
 from unnoise.losses import elbo_terms
+from unnoise.modalities.image.data import ImageDataset, load_images, to_model, to_uint8
 from unnoise.nets.unet import UNet, UNetConfig
-from unnoise.sampling import sample as run_sampler
-from unnoise.sampling import start_sigma
+from unnoise.sampling.front import sample as run_sampler
+from unnoise.sampling.front import start_sigma
 from unnoise.schedules import DiscreteSchedule, make_schedule
-from unnoise.train import TrainConfig, diffusion_objective, train
+from unnoise.training.checkpoint import latest_checkpoint, load_config, load_model_weights
+from unnoise.training.distributed import map_chunks
+from unnoise.training.loop import TrainConfig, diffusion_objective, train
 
 
 def dataset(cfg: TrainConfig, split: str = "train") -> ImageDataset:
@@ -57,7 +57,7 @@ def train_images(
 ) -> UNet:
     """Train on ``cfg.data``; returns the EMA network. Sample grids go to RUN/samples/.
 
-    ``stop(step)`` may end training early (see :func:`unnoise.train.train`).
+    ``stop(step)`` may end training early (see :func:`unnoise.training.loop.train`).
     """
     torch.manual_seed(cfg.seed)
     data = dataset(cfg, "train")
@@ -68,7 +68,7 @@ def train_images(
     def on_sample(ema: UNet, step: int) -> None:
         run = ImageRun(ema, make_schedule(cfg.schedule, cfg.T), cfg, data.class_names)
         images, _ = sample_images(run, n=min(64, 8 * max(1, len(data.class_names))), nfe=20, seed=0)
-        from unnoise.images_io import save_grid
+        from unnoise.modalities.image.io import save_grid
 
         save_grid(Path(run_dir) / "samples" / f"step_{step:08d}.png", images, scale=_scale(images))
 

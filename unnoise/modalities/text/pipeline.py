@@ -1,6 +1,6 @@
 """Text end to end: Diffusion-LM (Li et al. 2022) on word embeddings, trained and sampled.
 
-The modality is a dataset of sentences (unnoise.data.text), a network (a bidirectional
+The modality is a dataset of sentences (unnoise.modalities.text.data), a network (a bidirectional
 transformer over embeddings, unnoise.nets.transformer) with a jointly learned embedding table,
 and an encode/decode pair (tokens -> embeddings; rounding to the nearest embedding). The trainer
 and the samplers stay generic: the objective is Diffusion-LM's, passed to ``train``.
@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
-from unnoise.data.text import (
+from unnoise.denoisers import labelled
+from unnoise.guidance import conditioned
+from unnoise.modalities.text.data import (
     E2E_ATTRIBUTES,
     TINY_CORPUS,
     Tokenizer,
@@ -29,14 +30,20 @@ from unnoise.data.text import (
     split_by_mr,
     tokenize,
 )
-from unnoise.denoisers import labelled
-from unnoise.distributed import Draws
-from unnoise.guidance import conditioned
+from unnoise.modalities.text.diffusion_lm import (
+    WordEmbedding,
+    clamping,
+    diffusion_lm_loss,
+    infill,
+    text_denoiser,
+    text_elbo,
+)
 from unnoise.nets.transformer import TextTransformer, TransformerConfig
-from unnoise.sampling import sample as run_sampler
+from unnoise.sampling.front import sample as run_sampler
 from unnoise.schedules import DiscreteSchedule, make_schedule
-from unnoise.text_diffusion import WordEmbedding, clamping, diffusion_lm_loss, infill, text_denoiser, text_elbo
-from unnoise.train import Objective, TrainConfig, train
+from unnoise.training.checkpoint import latest_checkpoint, load_config, load_model_weights
+from unnoise.training.distributed import Draws
+from unnoise.training.loop import Objective, TrainConfig, train
 
 BLANK = "___"
 
@@ -122,7 +129,7 @@ def train_text(
 ) -> DiffusionLM:
     """Train on ``cfg.data``; tokenizer, MR vocabulary and network sizes go into the run's config.json.
 
-    ``stop(step)`` may end training early (see :func:`unnoise.train.train`).
+    ``stop(step)`` may end training early (see :func:`unnoise.training.loop.train`).
     """
     torch.manual_seed(cfg.seed)
     text, mrs = text_data(cfg, "train")
@@ -231,7 +238,7 @@ def sample_text(
     """``n`` sentences; with a template, its blanks (``___``) filled in and its words kept; with a
     meaning representation (E2E syntax, ``"name[Alimentum], food[Chinese]"``), data-to-text,
     classifier-free guided with scale ``guidance`` (1: plain conditional). ``steer(D) -> D``
-    wraps the denoiser before clamping (attribute control, :mod:`unnoise.text_control`)."""
+    wraps the denoiser before clamping (attribute control, :mod:`unnoise.modalities.text.control`)."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
     E, L = run.model.embedding.dim, run.seq_len
     s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
@@ -263,7 +270,7 @@ def fluency(run: TextRun, generated: list[str]) -> dict[str, float]:
     """Perplexity under a Kneser-Ney trigram LM fitted on the training sentences (the "lm-score"
     idea without a download), for generated and held-out real text, and their distinct-2 (the
     real text's on as many sentences as were generated, since distinct-n depends on corpus size)."""
-    from unnoise.text_metrics import KneserNeyLM, distinct_n
+    from unnoise.modalities.text.metrics import KneserNeyLM, distinct_n
 
     lm = KneserNeyLM(order=3).fit([tokenize(s) for s in sentences(run.cfg, "train")])
     real = [tokenize(s) for s in sentences(run.cfg, "held_out")]
@@ -290,7 +297,7 @@ def bits_per_token(
 ) -> tuple[float, float]:
     """Held-out negative ELBO in bits per token (words and ``<end>``; pads, which follow from the
     end, are modelled but not counted): (estimate, standard error), from
-    :func:`unnoise.text_diffusion.text_elbo` on the first ``n`` held-out sentences (None: all).
+    :func:`unnoise.modalities.text.diffusion_lm.text_elbo` on the first ``n`` held-out sentences (None: all).
 
     ``steps`` strata (at most T - 1) estimate the sum over t (None: all T steps, exact but T calls).
     ``conditional`` scores p(w | MR) with each sentence's meaning representation; otherwise p(w)
@@ -338,7 +345,7 @@ def evaluate_text(
     ratios the goals are stated in), and, for runs conditioned on E2E meaning representations,
     corpus BLEU of data-to-text on up to ``mrs`` held-out MRs (one sentence each, scored against
     all the references of that MR; MRs with an item the model never saw are skipped)."""
-    from unnoise.text_metrics import bleu
+    from unnoise.modalities.text.metrics import bleu
 
     scores = fluency(run, sample_text(run, n=n, sampler=sampler, nfe=nfe, seed=seed))
     scores["ppl_ratio"] = scores["ppl_generated"] / scores["ppl_held_out"]

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import Tensor
 
-from unnoise.sampler_core import Denoiser
+from unnoise.sampling.core import Denoiser
 
 
 def set_timesteps_float64(scheduler, n: int) -> None:

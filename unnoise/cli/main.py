@@ -58,7 +58,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from unnoise.samplers import SAMPLERS
+    from unnoise.sampling.samplers import SAMPLERS
 
     parser = _Parser(prog="unnoise", description="Diffusion models: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from unnoise import distributed
+    from unnoise.training import distributed
 
     # Under torchrun, train/sample/eval join the process group; rank 0 prints and writes.
     shard = distributed.init() if args.command in ("train", "sample", "eval") else distributed.Shard()
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 def _resume_hint(args: argparse.Namespace) -> str:
     if args.command != "train":
         return ""
-    from unnoise.checkpoint import latest_checkpoint
+    from unnoise.training.checkpoint import latest_checkpoint
 
     step = latest_checkpoint(args.out) if args.out.is_dir() else None
     where = f"its checkpoint {step.name}" if step is not None else "the start"
@@ -203,14 +203,14 @@ def _resume_hint(args: argparse.Namespace) -> str:
 
 def _say(*lines: str) -> None:
     """Print on rank 0 only (every process of a torchrun group runs the same command)."""
-    from unnoise import distributed
+    from unnoise.training import distributed
 
     if distributed.current().main:
         print(*lines, sep="\n")
 
 
 def _train(args: argparse.Namespace) -> None:
-    from unnoise.train import TrainConfig
+    from unnoise.training.loop import TrainConfig
 
     settings = _read_settings(args.config) if args.config else {}
     flags = {
@@ -239,24 +239,24 @@ def _train(args: argparse.Namespace) -> None:
     if unknown:
         raise ValueError(f"unknown settings {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
     if args.modality == "control":
-        from unnoise.text_control import train_control
+        from unnoise.modalities.text.control import train_control
 
         train_control(args.out, steps=args.steps or 2000, seed=args.seed or 0)
         _say(f"trained the attribute classifier; wrote {args.out / 'control'}")
         return
     if args.modality == "audio":
-        from unnoise.audio import train_audio
+        from unnoise.modalities.audio.pipeline import train_audio
 
         # the recipe of benchmarks/audio.py: DiffWave's process (sigma up to 1.6) with 200 steps
         audio_defaults = dict(data="spoken-digits", model="small", schedule="diffwave", T=200, ema_decay=0.995)
         train_audio(TrainConfig(**(audio_defaults | settings)), args.out, resume=args.resume)
     elif args.modality == "text":
-        from unnoise.language import train_text
+        from unnoise.modalities.text.pipeline import train_text
 
         text_defaults = {"data": "tiny", "model": "small", "schedule": "sqrt", "lr": 5e-4}
         train_text(TrainConfig(**(text_defaults | settings)), args.out, resume=args.resume)
     else:
-        from unnoise.imaging import train_images
+        from unnoise.modalities.image.pipeline import train_images
 
         train_images(TrainConfig(**settings), args.out, resume=args.resume)
     _say(f"trained; run folder: {args.out}")
@@ -281,8 +281,8 @@ def _read_settings(path: Path) -> dict:
 
 def _run_kind(args: argparse.Namespace) -> str:
     """The run's modality; fills in its default sampler when none was given and checks the name."""
-    from unnoise.checkpoint import load_config
-    from unnoise.samplers import SAMPLERS
+    from unnoise.sampling.samplers import SAMPLERS
+    from unnoise.training.checkpoint import load_config
 
     kind = load_config(args.run).get("train", {}).get("extra", {}).get("modality", "image")
     args.sampler = args.sampler or DEFAULT_SAMPLERS[kind]
@@ -292,7 +292,7 @@ def _run_kind(args: argparse.Namespace) -> str:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from unnoise import distributed
+    from unnoise.training import distributed
 
     kind = _run_kind(args)
     if args.modality is not None and args.modality != kind:
@@ -308,8 +308,8 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _sample_audio(args: argparse.Namespace) -> None:
-    from unnoise.audio import load_audio_run, sample_audio
-    from unnoise.audio_io import save_spectrogram_grid, save_wav
+    from unnoise.modalities.audio.io import save_spectrogram_grid, save_wav
+    from unnoise.modalities.audio.pipeline import load_audio_run, sample_audio
 
     if args.template is not None or args.mr is not None or args.control or args.trajectory or args.eta is not None:
         raise ValueError("audio runs take --class, --guidance, --n, --sampler, --nfe, --grid, --seed")
@@ -332,7 +332,7 @@ def _sample_audio(args: argparse.Namespace) -> None:
 
 
 def _sample_text(args: argparse.Namespace) -> None:
-    from unnoise.language import load_text_run, sample_text, save_sentences
+    from unnoise.modalities.text.pipeline import load_text_run, sample_text, save_sentences
 
     if args.class_id is not None or args.trajectory or args.eta is not None or args.grid is not None:
         raise ValueError(
@@ -359,7 +359,7 @@ def _sample_text(args: argparse.Namespace) -> None:
 
 
 def _sample_controlled(args: argparse.Namespace, run) -> list[str]:
-    from unnoise.text_control import sample_controlled
+    from unnoise.modalities.text.control import sample_controlled
 
     if args.template is not None or args.mr is not None:
         raise ValueError("--control steers unconditional generation; it does not combine with --template or --mr")
@@ -375,9 +375,9 @@ def _sample_controlled(args: argparse.Namespace, run) -> list[str]:
 
 
 def _sample_image(args: argparse.Namespace) -> None:
-    from unnoise import distributed
-    from unnoise.images_io import save_grid, save_npz, save_trajectory
-    from unnoise.imaging import load_run, sample_images_sharded
+    from unnoise.modalities.image.io import save_grid, save_npz, save_trajectory
+    from unnoise.modalities.image.pipeline import load_run, sample_images_sharded
+    from unnoise.training import distributed
 
     if args.template is not None or args.mr is not None or args.control:
         raise ValueError("--template, --mr and --control apply to text runs")
@@ -417,7 +417,7 @@ def _sample_image(args: argparse.Namespace) -> None:
 
 def _frames(trajectory: list, rows: int = 8, columns: int = 6) -> list:
     """x_t (labelled by its sigma) and the predicted x0 at up to ``columns`` steps, first ``rows`` samples."""
-    from unnoise.data.images import to_uint8
+    from unnoise.modalities.image.data import to_uint8
 
     picks = sorted({round(i * (len(trajectory) - 1) / max(1, columns - 1)) for i in range(columns)})
     frames = []
@@ -434,7 +434,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _eval_image(args: argparse.Namespace) -> None:
-    from unnoise.imaging import eval_bpd, eval_fid, load_run
+    from unnoise.modalities.image.pipeline import eval_bpd, eval_fid, load_run
 
     if not (args.bpd or args.fid):
         raise ValueError("say what to evaluate; allowed: --bpd, --fid N")
@@ -449,8 +449,8 @@ def _eval_image(args: argparse.Namespace) -> None:
 
 
 def _eval_text(args: argparse.Namespace) -> None:
-    from unnoise import distributed
-    from unnoise.language import bits_per_token, evaluate_text, load_text_run
+    from unnoise.modalities.text.pipeline import bits_per_token, evaluate_text, load_text_run
+    from unnoise.training import distributed
 
     if args.fid or args.grid:
         raise ValueError("--fid and --grid do not apply to text runs; --bpd gives held-out bits/token")
@@ -477,8 +477,8 @@ def _eval_text(args: argparse.Namespace) -> None:
 
 
 def _eval_audio(args: argparse.Namespace) -> None:
-    from unnoise import distributed
-    from unnoise.audio import evaluate_audio, load_audio_run
+    from unnoise.modalities.audio.pipeline import evaluate_audio, load_audio_run
+    from unnoise.training import distributed
 
     if args.bpd or args.fid:
         raise ValueError("--bpd and --fid apply to image runs; audio runs are scored by the digit classifier")
@@ -499,21 +499,21 @@ def _eval_audio(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     if args.kind == "text":
-        from unnoise.text_demo import run_text_demo
+        from unnoise.modalities.text.demo import run_text_demo
 
         run_text_demo(args.out, steps=args.steps, seed=args.seed)
         return
     if args.kind == "audio":
-        from unnoise.audio_demo import run_audio_demo
+        from unnoise.modalities.audio.demo import run_audio_demo
 
         run_audio_demo(args.out, steps=args.steps, seed=args.seed)
         return
     if args.kind == "images":
-        from unnoise.image_demo import run_image_demo
+        from unnoise.modalities.image.demo import run_image_demo
 
         run_image_demo(args.out, steps=args.steps, seed=args.seed)
         return
-    from unnoise.demo import DemoConfig, run_demo
+    from unnoise.modalities.toy.demo import DemoConfig, run_demo
 
     kw = {} if args.steps is None else {"steps": args.steps}
     run_demo(DemoConfig(seed=args.seed, out=args.out, **kw))

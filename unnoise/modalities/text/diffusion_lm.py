@@ -8,7 +8,7 @@ depend on the network, which has the signature
 
 (x0-prediction, Sec. 4.2). :func:`text_denoiser` turns it into a sigma-space denoiser
 ``D(x, sigma) -> x0_hat`` (DESIGN.md), on which :func:`clamping` and :func:`infill` are combinators;
-any sampler of :mod:`unnoise.samplers` then generates embeddings, and :meth:`WordEmbedding.round`
+any sampler of :mod:`unnoise.sampling.samplers` then generates embeddings, and :meth:`WordEmbedding.round`
 turns them into ids.
 """
 
@@ -25,7 +25,7 @@ from unnoise.denoisers import TMap, from_discrete
 from unnoise.diffusion import check_finite, expand, posterior_coefficients, q_sample
 from unnoise.guidance import inpaint
 from unnoise.losses import mean_flat
-from unnoise.samplers import Denoiser, Generator
+from unnoise.sampling.samplers import Denoiser, Generator
 from unnoise.schedules import DiscreteSchedule
 
 __all__ = [

@@ -8,7 +8,7 @@ on the grid. ``generator`` is a ``torch.Generator`` or a list of them, one per s
 a sample does not depend on the batch it was drawn in (EDM's per-sample seeds).
 
 The shared pieces (types, grid checks, per-sample noise, the exact first-order step) live in
-:mod:`unnoise.sampler_core`, UniPC in :mod:`unnoise.unipc`; :data:`SAMPLERS` names them all.
+:mod:`unnoise.sampling.core`, UniPC in :mod:`unnoise.sampling.unipc`; :data:`SAMPLERS` names them all.
 No sampler disables autograd or shows a progress bar: that is the caller's choice.
 """
 
@@ -23,8 +23,7 @@ import torch
 from numpy.polynomial import polynomial as P
 from torch import Tensor
 
-from unnoise.ode import solve_rk45
-from unnoise.sampler_core import (
+from unnoise.sampling.core import (
     Callback,
     Denoiser,
     Generator,
@@ -34,7 +33,8 @@ from unnoise.sampler_core import (
     first_order_step,
     randn_like,
 )
-from unnoise.unipc import sample_unipc, sample_unipc_3, sample_unipc_bh1, sample_unipc_bh2
+from unnoise.sampling.ode import solve_rk45
+from unnoise.sampling.unipc import sample_unipc, sample_unipc_3, sample_unipc_bh1, sample_unipc_bh2
 
 __all__ = ["SAMPLERS", "Callback", "Denoiser", "Generator", "check_sigmas", "randn_like"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from unnoise.data.toy import GaussianMixture, ring_mixture
+from unnoise.modalities.toy.data import GaussianMixture, ring_mixture
 from unnoise.model import DiffusionModel
 from unnoise.nets.mlp import ResidualMLP
 

@@ -1,6 +1,6 @@
 """Audio end to end: waveform diffusion on spoken digits (a 1-D U-Net or DiffWave), trained and sampled.
 
-The modality is a dataset of clips (unnoise.data.audio), a network and waveform scaling (clips are
+The modality is a dataset of clips (unnoise.modalities.audio.data), a network and waveform scaling (clips are
 peak-normalised to [-1, 1]); the trainer (with the DDPM objective) and the samplers stay generic.
 The network is ``cfg.extra["arch"]``: "unet" (the default: the ADM U-Net of unnoise.nets.unet over the
 waveform, ``dims=1``, downsampling by 4 per level, so most of its compute runs at 1/16 to 1/64 of the
@@ -21,17 +21,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from unnoise import distributed
-from unnoise.checkpoint import latest_checkpoint, load_config, load_model_weights
-from unnoise.data.audio import AudioDataset, load_wav_folder, make_spoken_digits
 from unnoise.denoisers import bf16_autocast, clipped, labelled
 from unnoise.guidance import conditioned
+from unnoise.modalities.audio.data import AudioDataset, load_wav_folder, make_spoken_digits
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
-from unnoise.sampling import sample as run_sampler
-from unnoise.sampling import start_sigma
+from unnoise.sampling.front import sample as run_sampler
+from unnoise.sampling.front import start_sigma
 from unnoise.schedules import DiscreteSchedule, make_schedule
-from unnoise.train import TrainConfig, diffusion_objective, train
+from unnoise.training import distributed
+from unnoise.training.checkpoint import latest_checkpoint, load_config, load_model_weights
+from unnoise.training.loop import TrainConfig, diffusion_objective, train
 
 
 def audio_dataset(cfg: TrainConfig, split: str = "train") -> AudioDataset:
@@ -107,7 +107,7 @@ def train_audio(
 ) -> nn.Module:
     """Train the audio network on ``cfg.data`` (class-conditional with a null class when labelled).
 
-    ``stop(step)`` may end training early (see :func:`unnoise.train.train`).
+    ``stop(step)`` may end training early (see :func:`unnoise.training.loop.train`).
     """
     torch.manual_seed(cfg.seed)
     data = audio_dataset(cfg, "train")
@@ -208,13 +208,13 @@ def evaluate_audio(
     bf16: bool | None = None,
 ) -> dict[str, float]:
     """DiffWave's SC09 evaluation, scaled down: ``n`` generated clips judged by the spoken-digit
-    classifier of :mod:`unnoise.audio_metrics`.
+    classifier of :mod:`unnoise.modalities.audio.metrics`.
 
     Returns ``accuracy`` (conditional runs: the classifier's agreement with the requested digit),
     ``fd`` (Frechet distance between classifier features of the generated and the held-out real
     clips) and ``rtf`` (wall-clock seconds of generation per second of audio, on this machine).
     """
-    from unnoise import audio_metrics
+    from unnoise.modalities.audio import metrics as audio_metrics
 
     names = run.cfg.extra.get("class_names") or []
     if names and names != [str(d) for d in range(10)]:

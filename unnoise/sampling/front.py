@@ -1,7 +1,7 @@
 """The front door: ``unnoise.sample(denoise, x, sampler=..., nfe=..., sigma_max=..., sigma_min=...)``.
 
 It turns an evaluation budget into a grid (the sampler's best measured one unless named), runs
-the sampler from :mod:`unnoise.samplers`, and checks that the budget held.
+the sampler from :mod:`unnoise.sampling.samplers`, and checks that the budget held.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from unnoise.grids import make_grid
-from unnoise.samplers import SAMPLERS, Callback, Denoiser, Generator
+from unnoise.sampling.grids import make_grid
+from unnoise.sampling.samplers import SAMPLERS, Callback, Denoiser, Generator
 
 # Steps a sampler can afford with a budget of nfe evaluations (Heun: 2 per step, Euler last).
 _STEPS_FOR_NFE: dict[str, Callable[[int], int]] = {"heun": lambda nfe: (nfe + 1) // 2}

@@ -1,7 +1,7 @@
 """``unnoise demo audio``: a class-conditional waveform U-Net on synthesised spoken digits, in minutes.
 
 Synthesises the spoken digits once (espeak-ng / flite, about 700 clips at 8 kHz), trains the
-"small" waveform U-Net (unnoise.audio) for a few minutes, draws one clip per digit with
+"small" waveform U-Net (unnoise.modalities.audio.pipeline) for a few minutes, draws one clip per digit with
 classifier-free guidance, and writes RUN (the run folder), digit_<d>.wav and spectrograms.png.
 It prints what the spoken-digit classifier hears in the clips and the real-time factor of
 generation. ``benchmarks/audio.py`` trains longer and scores the result on 100 clips per setting.
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from unnoise.audio import load_audio_run, sample_audio, train_audio
-from unnoise.audio_io import save_spectrogram_grid, save_wav
-from unnoise.train import TrainConfig
+from unnoise.modalities.audio.io import save_spectrogram_grid, save_wav
+from unnoise.modalities.audio.pipeline import load_audio_run, sample_audio, train_audio
+from unnoise.training.loop import TrainConfig
 
 GUIDANCE = 4.0  # classifier-free guidance: on a briefly trained model, 4 says the digit far more clearly than 2
 NFE = 10  # unipc at 10 NFE: as accurate as 20 in benchmarks/audio.py, at half the time
@@ -49,7 +49,7 @@ def run_audio_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dic
     for wave, label in zip(waves, labels.tolist(), strict=True):
         save_wav(out / f"digit_{label}.wav", wave, run.sample_rate)
     save_spectrogram_grid(out / "spectrograms.png", waves, run.sample_rate)
-    from unnoise import audio_metrics
+    from unnoise.modalities.audio import metrics as audio_metrics
 
     judge = audio_metrics.digit_classifier(run.sample_rate, run.samples / run.sample_rate)
     with torch.no_grad():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from unnoise.language import fluency, load_text_run, sample_text, save_sentences, train_text
-from unnoise.train import TrainConfig
+from unnoise.modalities.text.pipeline import fluency, load_text_run, sample_text, save_sentences, train_text
+from unnoise.training.loop import TrainConfig
 
 TEMPLATES = ("the ___ is near the ___ .", "the pub ___ ___ .", "___ cafe serves ___ food .")
 

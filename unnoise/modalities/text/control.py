@@ -27,16 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unnoise.checkpoint import load_module, read_module_meta, save_module
 from unnoise.diffusion import expand
 from unnoise.guidance import LogProb
-from unnoise.language import TextRun, load_text_run, sample_text, text_data
+from unnoise.modalities.text.control_metrics import (
+    ABSENT,
+    CONTROL_FIELDS,
+    Judge,
+    control_success,
+    mentions,
+    train_judge,
+)
+from unnoise.modalities.text.diffusion_lm import WordEmbedding
+from unnoise.modalities.text.pipeline import TextRun, load_text_run, sample_text, text_data
 from unnoise.nets.layers import timestep_embedding
 from unnoise.nets.transformer import Block
-from unnoise.samplers import Denoiser
+from unnoise.sampling.samplers import Denoiser
 from unnoise.schedules import DiscreteSchedule
-from unnoise.text_control_metrics import ABSENT, CONTROL_FIELDS, Judge, control_success, mentions, train_judge
-from unnoise.text_diffusion import WordEmbedding
+from unnoise.training.checkpoint import load_module, read_module_meta, save_module
 
 __all__ = [
     "ABSENT",
@@ -247,7 +254,7 @@ def train_control(
 def save_classifier(
     classifier: AttributeClassifier, run_dir: str | Path, metrics: Mapping[str, Any] | None = None
 ) -> Path:
-    """Write RUN/control/{weights.safetensors, meta.json} atomically (:func:`unnoise.checkpoint.save_module`)."""
+    """Write RUN/control/{weights.safetensors, meta.json} atomically (``checkpoint.save_module``)."""
     meta = {"format": 1, "config": asdict(classifier.config), "metrics": dict(metrics or {})}
     return save_module(Path(run_dir) / "control", classifier, meta)
 
@@ -297,7 +304,7 @@ def controlled(
     - ``steps=1, fluency=0`` is exactly :func:`unnoise.guidance.classifier_guidance` (D + s sigma^2
       grad log p(c | x)); ``fluency -> inf`` gives delta = 0, D unchanged;
     - as in the paper (and classifier_guidance) the gradient is the classifier's only: D is not
-      differentiated, so it composes with :func:`unnoise.text_diffusion.clamping` on either side.
+      differentiated, so it composes with :func:`unnoise.modalities.text.diffusion_lm.clamping` on either side.
       :func:`sample_controlled` clamps the *guided* estimate, ``clamping(controlled(D))``, so the
       control picks words; the paper's order (clamp, then update the latent) is
       ``controlled(clamping(D))``, and there the shift, ~sigma^2, fades before it can change a word:
@@ -352,7 +359,7 @@ def sample_controlled(
 
     The unconditional denoiser of the run (the null MR for a conditional run), guided by the
     classifier saved in RUN/control (or ``classifier``), then clamped as in
-    :func:`unnoise.language.sample_text`; ``scale=0`` samples without guidance from the same noise.
+    :func:`unnoise.modalities.text.pipeline.sample_text`; ``scale=0`` samples without guidance from the same noise.
     ``guidance`` (a run conditioned on meaning representations only) replaces the unconditional
     denoiser by the one given the control as a partial MR (``food[Chinese]``), classifier-free
     guided with that scale, and the classifier steers it: both guides pull toward the attribute.

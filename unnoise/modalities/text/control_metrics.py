@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from unnoise.data.text import tokenize
+from unnoise.modalities.text.data import tokenize
 
 if TYPE_CHECKING:
-    from unnoise.language import TextRun
+    from unnoise.modalities.text.pipeline import TextRun
 
 __all__ = ["ABSENT", "CONTROL_FIELDS", "Judge", "control_success", "mentions", "train_judge"]
 
@@ -159,7 +159,7 @@ class Judge:
 
 def train_judge(run: TextRun, fields: Sequence[str] = CONTROL_FIELDS) -> Judge:
     """A :class:`Judge` on a text run's training sentences, with its accuracy on the run's held-out MRs."""
-    from unnoise.language import text_data
+    from unnoise.modalities.text.pipeline import text_data
 
     text, mrs = text_data(run.cfg, "train")
     if mrs is None:

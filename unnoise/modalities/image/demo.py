@@ -10,9 +10,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from unnoise.images_io import save_grid, save_trajectory
-from unnoise.imaging import eval_bpd, load_run, sample_images, train_images
-from unnoise.train import TrainConfig
+from unnoise.modalities.image.io import save_grid, save_trajectory
+from unnoise.modalities.image.pipeline import eval_bpd, load_run, sample_images, train_images
+from unnoise.training.loop import TrainConfig
 
 
 def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
@@ -35,7 +35,7 @@ def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dic
     save_grid(out / "samples.png", images, nrow=10, scale=4)
     trajectory: list = []
     sample_images(run, n=10, sampler="dpmpp_2m_sde", nfe=12, guidance=2.0, trajectory=trajectory)
-    from unnoise.cli import _frames
+    from unnoise.cli.main import _frames
 
     save_trajectory(out / "trajectory.png", _frames(trajectory, rows=10), scale=4)
     bpd, se = eval_bpd(run, n=200)

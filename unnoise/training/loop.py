@@ -26,12 +26,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from unnoise import distributed
-from unnoise.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_config
 from unnoise.diffusion import reverse_table
-from unnoise.distributed import Draws
 from unnoise.losses import LossAwareSampler, UniformSampler, diffusion_loss
 from unnoise.schedules import make_schedule
+from unnoise.training import distributed
+from unnoise.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_config
+from unnoise.training.distributed import Draws
 
 Forward = Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]  # (net, x_t, t, labels) -> output
 Objective = Callable[[nn.Module, Tensor, Tensor, Draws], Tensor]  # (net, x0, labels, draws) -> loss
@@ -97,7 +97,7 @@ class CPUBudget:
     """A training budget in process CPU seconds: ``minutes`` of all the machine's cores. Other load
     on the machine slows a run but does not shorten it. Pass it as ``train(stop=...)``.
 
-    Under torchrun (create it after :func:`unnoise.distributed.init`) each of the W processes gets
+    Under torchrun (create it after :func:`unnoise.training.distributed.init`) each of the W processes gets
     1/W of it, so the processes together spend the same CPU time as one would; ``train`` stops
     them all when the first runs out."""
 
@@ -176,13 +176,13 @@ def train(
 
     ``loss_fn(net, x0_batch, labels_batch, draws)`` is the objective: a scalar to minimise (a
     mean over the batch), drawing its randomness (t, noise, label dropout) from ``draws``
-    (:class:`unnoise.distributed.Draws`), whose generator is checkpointed.
+    (:class:`unnoise.training.distributed.Draws`), whose generator is checkpointed.
     :func:`diffusion_objective` is the DDPM family's; a modality may bring its own.
     Writes RUN/config.json, RUN/log.jsonl and checkpoints every ``save_every`` steps and at the end.
     ``stop(step)``, asked after every step, ends training early (a time budget); the step it
     ends on is checkpointed like the last.
 
-    Under torchrun (:mod:`unnoise.distributed`) each of N processes computes its N-th of every
+    Under torchrun (:mod:`unnoise.training.distributed`) each of N processes computes its N-th of every
     global batch of ``cfg.batch_size`` rows and DistributedDataParallel averages the gradients;
     the random numbers, data order, learning rate and EMA are those of one process, so the
     weights equal a single process's up to summation order, and a run may resume on another N.

@@ -12,7 +12,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from unnoise.sampler_core import Denoiser, Generator, check_sigmas, evaluate
+from unnoise.sampling.core import Denoiser, Generator, check_sigmas, evaluate
 
 
 def _unipc_coefficients(rks: list[float], h: float, order: int, variant: str) -> tuple[Tensor, Tensor, float, float]:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unnoise.checkpoint import load_module, read_module_meta, save_module
 from unnoise.metrics import frechet_distance, gaussian_fit
+from unnoise.training.checkpoint import load_module, read_module_meta, save_module
 
 __all__ = [
     "DigitClassifier",
@@ -319,7 +319,7 @@ def _fingerprint(waves: Tensor, labels: Tensor, sample_rate: int, seconds: float
 def _cached_classifier(
     waves: Tensor, labels: Tensor, seconds: float, config: DigitClassifierConfig, folder: Path, progress: bool = False
 ) -> DigitClassifier:
-    """Load the classifier saved in ``folder`` (:func:`unnoise.checkpoint.save_module`) if its meta
+    """Load the classifier saved in ``folder`` (:func:`unnoise.training.checkpoint.save_module`) if its meta
     matches this config, recipe and data; else train one and save it there (atomically, so the
     weights and their meta always belong together). A damaged file is retrained over, with a warning."""
     expected = {
@@ -349,13 +349,13 @@ def digit_classifier(
     """The spoken-digit classifier for clips of ``seconds`` at ``sample_rate``, in eval mode.
 
     Trained once (about half a minute on one CPU thread) on the train split of the synthesised spoken
-    digits (``unnoise.audio.audio_dataset``, 90% of 690 clips), then cached in ``cache`` (default
+    digits (``unnoise.modalities.audio.pipeline.audio_dataset``, 90% of 690 clips), then cached in ``cache`` (default
     ``~/.cache/unnoise``) as the folder ``digit-classifier-<rate>hz-<seconds>s`` (weights.safetensors and
     meta.json: the config, the training recipe and a fingerprint of the data); a later call loads it,
     and retrains if any of those differ.
     """
-    from unnoise.audio import audio_dataset
-    from unnoise.train import TrainConfig
+    from unnoise.modalities.audio.pipeline import audio_dataset
+    from unnoise.training.loop import TrainConfig
 
     _check_positive_int(sample_rate=sample_rate)
     if not isinstance(seconds, (int, float)) or round(seconds * sample_rate) < 1:

@@ -1,6 +1,6 @@
 """Image writers: a PNG grid, an NPZ of samples, a PNG of a sampling trajectory.
 
-All take uint8 pixels ``(N, C, H, W)``, C = 1 (grey) or 3 (RGB), as ``unnoise.data.images.to_uint8``
+All take uint8 pixels ``(N, C, H, W)``, C = 1 (grey) or 3 (RGB), as ``unnoise.modalities.image.data.to_uint8``
 makes them, and write atomically: a temporary file in the target's folder, then ``os.replace``, so a
 reader never sees half a file and an interrupted run leaves no partial output.
 """

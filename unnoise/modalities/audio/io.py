@@ -1,7 +1,7 @@
 """Audio writers: a 16-bit PCM WAV of one clip, a PNG grid of log-magnitude spectrograms.
 
-Both take float waveforms in [-1, 1] (the model's space, see ``unnoise.data.audio``) and write
-atomically, as ``unnoise.images_io`` does: a temporary file beside the target, then ``os.replace``.
+Both take float waveforms in [-1, 1] (the model's space, see ``unnoise.modalities.audio.data``) and write
+atomically, as ``unnoise.modalities.image.io`` does: a temporary file beside the target, then ``os.replace``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from unnoise.images_io import _atomic_write
+from unnoise.modalities.image.io import _atomic_write
 
 __all__ = ["save_spectrogram_grid", "save_wav", "spectrogram_db"]
 
