@@ -8,15 +8,14 @@ import torch
 
 from unnoise.modalities.audio.data import (
     AudioDataset,
-    fit_length,
     load_asterisk_digits,
     load_wav_folder,
     make_spoken_digits,
-    normalise,
-    read_wav,
-    resample,
+    split_clips,
+    spoken_digits_folder,
 )
 from unnoise.modalities.audio.io import save_spectrogram_grid, save_wav
+from unnoise.modalities.audio.wav import fit_length, normalise, read_wav, resample
 
 
 def write_wav(path, x: np.ndarray, rate: int, width: int = 2) -> None:
@@ -174,6 +173,23 @@ def test_make_spoken_digits(tmp_path):
     assert ds.class_names == [str(d) for d in range(10)] and ds.waves.shape == (10 * per_digit, 8000)
     assert torch.equal(ds.labels.bincount(), torch.full((10,), per_digit))
     assert (ds.waves.abs().amax(1) > 0.9).all()
+
+
+def test_split_clips_is_a_fixed_90_10_partition():
+    waves = torch.arange(50.0)[:, None].repeat(1, 4)  # clip i holds the value i
+    data = AudioDataset(waves, torch.arange(50) % 10, [str(d) for d in range(10)], 8000)
+    train, held = split_clips(data, "train"), split_clips(data, "test")
+    assert (len(train), len(held)) == (45, 5) and train.sample_rate == 8000 and train.class_names == data.class_names
+    ids = sorted(train.waves[:, 0].long().tolist() + held.waves[:, 0].long().tolist())
+    assert ids == list(range(50)) and torch.equal(train.labels, train.waves[:, 0].long() % 10)
+    assert torch.equal(split_clips(data, "train").waves, train.waves)  # the same split every time
+
+
+def test_spoken_digits_folder_reuses_a_built_folder(tmp_path):
+    (tmp_path / "3").mkdir()
+    write_wav(tmp_path / "3" / "a.wav", np.zeros(100), 8000)
+    assert spoken_digits_folder(tmp_path) == tmp_path  # clips already there: nothing synthesised
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is not None, reason="espeak-ng is installed")

@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-import unnoise.modalities.audio.metrics as am
-from unnoise.modalities.audio.metrics import (
+import unnoise.modalities.audio.classifier as ac
+from unnoise.modalities.audio.classifier import (
     DigitClassifier,
     DigitClassifierConfig,
-    accuracy,
     digit_classifier,
-    feature_distance,
-    log_mel,
-    mel_filterbank,
-    real_time_factor,
     train_digit_classifier,
 )
+from unnoise.modalities.audio.features import log_mel, mel_filterbank
+from unnoise.modalities.audio.metrics import accuracy, feature_distance, real_time_factor
 
 
 def htk_edges(n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None) -> np.ndarray:
@@ -215,42 +212,42 @@ def _no_training(*args, **kwargs):
 
 
 def test_cache_loads_matching_weights_and_retrains_on_new_data(tmp_path, monkeypatch):
-    monkeypatch.setitem(am._RECIPE, "steps", 2)
+    monkeypatch.setitem(ac._RECIPE, "steps", 2)
     w, l = tones((300.0, 900.0, 2000.0), 3)
     path = tmp_path / "clf"
     config = DigitClassifierConfig(channels=(4,), num_classes=3)
-    first = am._cached_classifier(w, l, 0.25, config, path)
+    first = ac._cached_classifier(w, l, 0.25, config, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clf"]  # no temp folders left
     assert sorted(p.name for p in path.iterdir()) == ["meta.json", "weights.safetensors"]
     sidecar = json.loads((path / "meta.json").read_text())
     assert sidecar["data"]["clips"] == 9 and sidecar["config"]["channels"] == [4] and sidecar["train"]["steps"] == 2
 
     with monkeypatch.context() as m:
-        m.setattr(am, "train_digit_classifier", _no_training)
-        loaded = am._cached_classifier(w, l, 0.25, config, path)
+        m.setattr(ac, "train_digit_classifier", _no_training)
+        loaded = ac._cached_classifier(w, l, 0.25, config, path)
     assert not loaded.training
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in first.state_dict().items())
 
     calls = []
-    monkeypatch.setattr(am, "train_digit_classifier", lambda *a, **k: calls.append(1) or first)
-    am._cached_classifier(w.flip(0), l.flip(0), 0.25, config, path)  # the same clips in another order: new data
-    am._cached_classifier(w, l, 0.25, DigitClassifierConfig(channels=(5,), num_classes=3), path)  # new config
+    monkeypatch.setattr(ac, "train_digit_classifier", lambda *a, **k: calls.append(1) or first)
+    ac._cached_classifier(w.flip(0), l.flip(0), 0.25, config, path)  # the same clips in another order: new data
+    ac._cached_classifier(w, l, 0.25, DigitClassifierConfig(channels=(5,), num_classes=3), path)  # new config
     assert len(calls) == 2
 
 
 def test_cache_never_unpickles_and_retrains_over_a_damaged_file(tmp_path, monkeypatch):
-    monkeypatch.setitem(am._RECIPE, "steps", 2)
+    monkeypatch.setitem(ac._RECIPE, "steps", 2)
     w, l = tones((300.0, 900.0, 2000.0), 3)
     folder, config = tmp_path / "clf", DigitClassifierConfig(channels=(4,), num_classes=3)
-    am._cached_classifier(w, l, 0.25, config, folder)
+    ac._cached_classifier(w, l, 0.25, config, folder)
     path = folder / "weights.safetensors"
     torch.save(DigitClassifier(config).state_dict(), path)  # a pickle where the weights were
     with pytest.warns(UserWarning, match="pickle"):
-        am._cached_classifier(w, l, 0.25, config, folder)
+        ac._cached_classifier(w, l, 0.25, config, folder)
     assert path.read_bytes()[:2] != b"PK"  # rewritten as safetensors
     path.write_bytes(path.read_bytes()[:100])  # truncated
     with pytest.warns(UserWarning, match="not a valid safetensors"):
-        am._cached_classifier(w, l, 0.25, config, folder)
+        ac._cached_classifier(w, l, 0.25, config, folder)
 
 
 # ---- the spoken-digit classifier ------------------------------------------------------------------------
@@ -260,20 +257,18 @@ def test_cache_never_unpickles_and_retrains_over_a_damaged_file(tmp_path, monkey
 def test_digit_classifier_on_spoken_digits(tmp_path, monkeypatch):
     if shutil.which("espeak-ng") is None and not any((Path.home() / ".cache/unnoise/spoken-digits").glob("*/*.wav")):
         pytest.skip("needs espeak-ng (apt-get install espeak-ng) or ~/.cache/unnoise/spoken-digits to build the data")
-    from unnoise.modalities.audio.data import load_asterisk_digits
-    from unnoise.modalities.audio.pipeline import audio_dataset
-    from unnoise.training.loop import TrainConfig
+    from unnoise.modalities.audio.data import load_asterisk_digits, load_wav_folder, split_clips, spoken_digits_folder
 
     start = time.perf_counter()
     model = digit_classifier(cache=tmp_path)
     print(f"\ndigit classifier: data + training {time.perf_counter() - start:.1f} s")
     assert (tmp_path / "digit-classifier-8000hz-1s" / "weights.safetensors").is_file()
-    test = audio_dataset(TrainConfig(data="spoken-digits"), "test")
+    test = split_clips(load_wav_folder(spoken_digits_folder(), sample_rate=8000, seconds=1.0), "test")
     held_out = accuracy(model, test.waves, test.labels)
     print(f"digit classifier: held-out spoken-digit accuracy {held_out:.3f} ({len(test)} clips)")
     assert held_out >= 0.9
 
-    monkeypatch.setattr(am, "train_digit_classifier", _no_training)
+    monkeypatch.setattr(ac, "train_digit_classifier", _no_training)
     assert accuracy(digit_classifier(cache=tmp_path), test.waves, test.labels) == held_out  # loaded, not retrained
     try:
         asterisk = load_asterisk_digits()

@@ -195,7 +195,7 @@ def test_keeps_the_last_k_and_latest_names_the_newest(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000005"]
 
 
-@pytest.mark.parametrize("where", ["_save_tree", "replace", "_atomic_write_text"])
+@pytest.mark.parametrize("where", ["save_tree", "replace", "atomic_write_text"])
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_latest_and_loadable(tmp_path, monkeypatch, where):
     model, ema, opt, gens, _ = _trained(tmp_path)
     expected = copy.deepcopy(model.state_dict())

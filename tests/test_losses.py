@@ -6,15 +6,8 @@ import torch
 from conftest import gaussian_eps_model
 
 from unnoise import diffusion as D
-from unnoise.losses import (
-    LossAwareSampler,
-    UniformSampler,
-    diffusion_loss,
-    elbo_bpd,
-    elbo_terms,
-    min_snr_weight,
-    prior_bpd,
-)
+from unnoise.elbo import elbo_bpd, elbo_terms, prior_bpd
+from unnoise.losses import LossAwareSampler, UniformSampler, diffusion_loss, min_snr_weight
 from unnoise.schedules import make_schedule
 
 f64 = torch.float64
@@ -196,7 +189,7 @@ def test_hybrid_loss_trains_the_mean_only_through_l_simple():
     # vb is T L_{t-1}, the unbiased one-sample estimate of sum_t L_{t-1}
     x_t = D.q_sample(x0, sched.alpha_bar[t], noise)
     step = D.p_mean_variance(net(x_t, t.double()), x_t, t, table, variance="learned_range")
-    from unnoise.losses import vlb_term_bpd
+    from unnoise.elbo import vlb_term_bpd
 
     want = 100 * vlb_term_bpd(step.mean, step.log_variance, x0, x_t, t, table, "gaussian")
     torch.testing.assert_close(vlb.vb, want.detach())

@@ -5,7 +5,7 @@ import torch
 from conftest import gaussian_eps_model
 
 from unnoise import DiffusionModel
-from unnoise.losses import elbo_bpd
+from unnoise.elbo import elbo_bpd
 from unnoise.nets.mlp import ResidualMLP
 
 f64 = torch.float64

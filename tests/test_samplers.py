@@ -6,11 +6,13 @@ import torch
 from samplers_reference import gaussian_denoiser, gaussian_ode_solution, small_mixture
 
 import unnoise
+from unnoise.modalities.toy.data import ring_mixture
+from unnoise.sampling.core import ancestral_step
 from unnoise.sampling.front import CountingDenoiser, steps_for_nfe
 from unnoise.sampling.grids import make_grid
 from unnoise.sampling.interop import run_scheduler as run_diffusers
 from unnoise.sampling.interop import scheduler_sigmas as diffusers_sigmas
-from unnoise.sampling.samplers import SAMPLERS, lms_coefficients
+from unnoise.sampling.samplers import ALIASES, SAMPLERS, lms_coefficients
 
 f64 = torch.float64
 MU, S = 0.3, 0.5
@@ -36,6 +38,12 @@ def test_convergence_order_on_the_closed_form_ode(name, order, steps):
     assert 2**order * 0.75 < ratio < 2**order * 1.6, (e1, e2, ratio)
 
 
+def _trajectory(name, denoise, x, sigmas, **kw):
+    xs = []
+    out = SAMPLERS[name](denoise, x, sigmas, callback=lambda i, s, x, x0: xs.append(x), **kw)
+    return xs + [out]
+
+
 def test_ddim_eta0_is_euler_and_euler_ancestral_is_ddim():
     x = 80 * torch.randn(64, 3, dtype=f64)
     grid = make_grid("karras", 12, 0.002, 80.0)
@@ -44,6 +52,76 @@ def test_ddim_eta0_is_euler_and_euler_ancestral_is_ddim():
     a = SAMPLERS["ddim"](D, x, grid, eta=0.7, generator=torch.Generator().manual_seed(1))
     b = SAMPLERS["euler_ancestral"](D, x, grid, eta=0.7, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _alias_grids():
+    schedule = unnoise.make_schedule("cosine", 1000)
+    yield make_grid("karras", 8, 0.002, 80.0)
+    yield make_grid("log_snr", 15, 0.002, 80.0)
+    yield make_grid("trailing", 6, schedule.sigma_min, schedule.sigma_max, schedule=schedule)  # sigma_max ~ 2e4
+
+
+@pytest.mark.parametrize("alias", list(ALIASES))
+def test_each_alias_is_its_general_sampler_with_the_parameter_fixed(alias):
+    """One algorithm, one implementation: e.g. dpmpp_2m == dpmpp_2m_sde(eta=0), ddpm == ddim(eta=1),
+    on the exact ring-mixture denoiser in float64, every intermediate sample to 1e-12."""
+    general, fixed = ALIASES[alias]
+    data = ring_mixture()
+    for sigmas in _alias_grids():
+        x = float(sigmas[0]) * torch.randn(64, 2, generator=torch.Generator().manual_seed(1), dtype=f64)
+        a = _trajectory(alias, data.denoise, x, sigmas, generator=torch.Generator().manual_seed(2))
+        b = _trajectory(general, data.denoise, x, sigmas, generator=torch.Generator().manual_seed(2), **fixed)
+        assert len(a) == len(b)
+        for u, v in zip(a, b, strict=True):
+            torch.testing.assert_close(u, v, rtol=0, atol=1e-12)
+
+
+def _dpmpp_2m_sde_reference(denoise, x, sigmas, eta, generator):
+    """k-diffusion's sample_dpmpp_2m_sde, solver_type='midpoint', written out (its own coefficients)."""
+    s, old, h_last = sigmas.tolist(), None, None
+    for i in range(len(s) - 1):
+        x0 = denoise(x, sigmas[i])
+        if s[i + 1] == 0:
+            return x0
+        h = math.log(s[i] / s[i + 1])
+        eta_h = eta * h
+        x = s[i + 1] / s[i] * math.exp(-eta_h) * x - math.expm1(-h - eta_h) * x0
+        if old is not None:
+            x = x - 0.5 * math.expm1(-h - eta_h) * (h / h_last) * (x0 - old)
+        if eta:
+            x = x + torch.randn(x.shape, generator=generator, dtype=f64) * s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h))
+        old, h_last = x0, h
+    return x
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_dpmpp_2m_sde_is_k_diffusions_midpoint_form_and_2m_at_eta_0(eta):
+    """The (sigma'/sigma) e^{-eta h} form of the update is k-diffusion's, first and last steps included;
+    at eta = 0 it is DPM-Solver++(2M) (Alg. 2), whose name runs the same code."""
+    data = ring_mixture()
+    for sigmas in _alias_grids():
+        x = float(sigmas[0]) * torch.randn(64, 2, generator=torch.Generator().manual_seed(3), dtype=f64)
+        ref = _dpmpp_2m_sde_reference(data.denoise, x, sigmas, eta, torch.Generator().manual_seed(4))
+        out = SAMPLERS["dpmpp_2m_sde"](data.denoise, x, sigmas, eta=eta, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+        if eta == 0:
+            two_m = SAMPLERS["dpmpp_2m"](data.denoise, x, sigmas)
+            torch.testing.assert_close(two_m, out, rtol=0, atol=0)
+
+
+def test_ancestral_step_is_exact_at_eta_0_and_ddpms_posterior_at_eta_1():
+    from fractions import Fraction
+
+    for s0, s1 in [(2e4, 12.3), (80.0, 0.05), (1.0, 0.999), (3.0, 1e-3)]:
+        assert ancestral_step(s0, s1, 0.0) == (s1, 0.0)
+        down, up = ancestral_step(s0, s1, 1.0)
+        exact = Fraction(s1) ** 2 / Fraction(s0)  # DDPM's mean D + (s1^2 / s0^2)(x - D): sigma_down = s1^2 / s0
+        assert abs(Fraction(down) - exact) <= 4e-16 * exact
+        assert up**2 == pytest.approx(s1**2 * (s0**2 - s1**2) / s0**2, rel=1e-14)  # fixed-small variance
+        for eta in (0.3, 1.0, 2.0):
+            down, up = ancestral_step(s0, s1, eta)
+            assert down**2 + up**2 == pytest.approx(s1**2, rel=1e-14) and up <= s1
+    assert ancestral_step(1.0, 0.0, 1.0) == (0.0, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -88,12 +166,6 @@ def test_learned_variance_interpolates_between_small_and_large():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="with_variance"):
         SAMPLERS["ddpm"](D, x, grid, variance="learned")
-
-
-def _trajectory(name, denoise, x, sigmas, **kw):
-    xs = []
-    out = SAMPLERS[name](denoise, x, sigmas, callback=lambda i, s, x, x0: xs.append(x), **kw)
-    return xs + [out]
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,11 @@ def expand(a: Tensor | float, x: Tensor) -> Tensor:
     return a.reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def mean_flat(x: Tensor) -> Tensor:
+    """Mean over all but the batch dimension: ``(B, ...) -> (B,)``."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
 def check_finite(x: Tensor, what: str = "data") -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"{what} contains NaN or infinite values; all values must be finite")

@@ -14,15 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from unnoise.diffusion import Prediction, Variance, p_mean_variance, p_sample, q_sample, reverse_table
-from unnoise.losses import (
-    DatasetELBO,
-    Decoder,
-    LossAwareSampler,
-    LossKind,
-    UniformSampler,
-    diffusion_loss,
-    elbo_bpd,
-)
+from unnoise.elbo import DatasetELBO, Decoder, elbo_bpd
+from unnoise.losses import LossAwareSampler, LossKind, UniformSampler, diffusion_loss
 from unnoise.schedules import make_schedule
 
 TimestepSampling = Literal["uniform", "loss_aware"]

@@ -57,7 +57,13 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     """(sigma_down, sigma_up) of an eta-ancestral step: sigma_down^2 + sigma_up^2 = sigma_next^2.
 
     sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2) is DDIM's sigma_t (Song et al.
-    2021, Eq. 16) mapped to sigma-space; eta = 1 is DDPM's posterior q(x_{t-1} | x_t, x0).
+    2021, Eq. 16) mapped to sigma-space; eta = 1 is DDPM's posterior q(x_{t-1} | x_t, x0). With
+    r = sigma_next / sigma, sigma_down = sigma_next sqrt(1 - eta^2 + eta^2 r^2), free of the
+    cancellation in sqrt(sigma_next^2 - sigma_up^2) over long steps: sigma_next r at eta = 1 (DDPM's
+    posterior mean) and sigma_next exactly at eta = 0. sigma_up is capped at sigma_next (eta > 1).
     """
-    up = min(sigma_next, eta * sigma_next * math.sqrt(max(0.0, 1 - sigma_next**2 / sigma**2)))
-    return math.sqrt(sigma_next**2 - up**2), up
+    r = sigma_next / sigma
+    up = eta * sigma_next * math.sqrt(max(0.0, (1 - r) * (1 + r)))
+    if up >= sigma_next:
+        return 0.0, sigma_next
+    return sigma_next * math.sqrt(max(0.0, (1 - eta) * (1 + eta) + (eta * r) ** 2)), up

@@ -1,4 +1,4 @@
-"""Samplers: one pure function per method over any denoiser and a decreasing sigma grid.
+"""Samplers: one pure function per algorithm over any denoiser and a decreasing sigma grid.
 
 Contract (DESIGN.md): ``sample_<name>(denoise, x, sigmas, *, generator=None, callback=None) -> x``.
 ``denoise(x, sigma) -> x0_hat`` works in sigma-space (x = x0 + sigma n) and gets ``sigma`` as a
@@ -7,22 +7,25 @@ sample at ``sigmas[0]``. ``callback(i, sigma_i, x_i, x0_hat_i)`` sees every mode
 on the grid. ``generator`` is a ``torch.Generator`` or a list of them, one per sample, so that
 a sample does not depend on the batch it was drawn in (EDM's per-sample seeds).
 
-The shared pieces (types, grid checks, per-sample noise, the exact first-order step) live in
-:mod:`unnoise.sampling.core`, UniPC in :mod:`unnoise.sampling.unipc`; :data:`SAMPLERS` names them all.
+One algorithm, one implementation: a name that is another sampler with a parameter fixed is a
+small wrapper around it, listed in :data:`ALIASES` (e.g. ``euler`` is ``ddim`` with eta = 0,
+``dpmpp_2m`` is ``dpmpp_2m_sde`` with eta = 0), and gives the same result to the last bit or
+to float64 round-off. The shared pieces (types, grid checks, per-sample noise, the exact
+first-order step) live in :mod:`unnoise.sampling.core`, UniPC in :mod:`unnoise.sampling.unipc`,
+LMS and RK45 in :mod:`unnoise.sampling.classical`; :data:`SAMPLERS` names them all.
 No sampler disables autograd or shows a progress bar: that is the caller's choice.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-import numpy as np
 import torch
-from numpy.polynomial import polynomial as P
 from torch import Tensor
 
+from unnoise.sampling.classical import lms_coefficients, sample_lms, sample_rk45
 from unnoise.sampling.core import (
     Callback,
     Denoiser,
@@ -33,23 +36,14 @@ from unnoise.sampling.core import (
     first_order_step,
     randn_like,
 )
-from unnoise.sampling.ode import solve_rk45
 from unnoise.sampling.unipc import sample_unipc, sample_unipc_3, sample_unipc_bh1, sample_unipc_bh2
 
-__all__ = ["SAMPLERS", "Callback", "Denoiser", "Generator", "check_sigmas", "randn_like"]
+__all__ = ["ALIASES", "SAMPLERS", "Callback", "Denoiser", "Generator", "check_sigmas", "lms_coefficients", "randn_like"]
 
 
 # ---------------------------------------------------------------------------------------------
-# First-order and ancestral
+# DDIM / ancestral: Euler (eta = 0), Euler-ancestral and DDPM fixed-small (eta = 1)
 # ---------------------------------------------------------------------------------------------
-
-
-def sample_euler(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None) -> Tensor:
-    """Euler on the PF-ODE in sigma-space (Karras et al. 2022, Alg. 1); N steps, N evaluations."""
-    s = check_sigmas(sigmas).tolist()
-    for i in range(len(s) - 1):
-        x = first_order_step(x, evaluate(denoise, x, sigmas[i], i, callback), s[i], s[i + 1])
-    return x
 
 
 def sample_ddim(
@@ -65,7 +59,10 @@ def sample_ddim(
     """DDIM (Song et al. 2021, Eq. 12) in sigma-space: eta = 0 is Euler, eta = 1 ancestral DDPM.
 
     x' = D + sigma_down (x - D) / sigma + sigma_up z, with (sigma_down, sigma_up) from
-    :func:`ancestral_step`. No noise is added on the last step (to sigma = 0).
+    :func:`ancestral_step`: DDIM's sigma_t(eta) and k-diffusion's Euler-ancestral eta are the same
+    parameter. At eta = 1, sigma_down = sigma'^2 / sigma and sigma_up^2 = sigma'^2 (sigma^2 -
+    sigma'^2) / sigma^2: DDPM's posterior mean and fixed-small variance. No noise is added on the
+    last step (to sigma = 0). At eta = 0 the step is exactly Euler's (sigma_down = sigma').
     """
     s = check_sigmas(sigmas).tolist()
     if not 0 <= eta <= 1:
@@ -79,11 +76,29 @@ def sample_ddim(
     return x
 
 
+def sample_euler(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None) -> Tensor:
+    """Euler on the PF-ODE in sigma-space (Karras et al. 2022, Alg. 1); N steps, N evaluations.
+
+    Alias: :func:`sample_ddim` with eta = 0 (x' = D + (sigma' / sigma)(x - D)), bit for bit.
+    """
+    return sample_ddim(denoise, x, sigmas, eta=0.0, generator=generator, callback=callback)
+
+
 def sample_euler_ancestral(
-    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float = 1.0, generator: Generator = None, callback=None
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    generator: Generator = None,
+    callback=None,
 ) -> Tensor:
-    """Euler-ancestral (k-diffusion): identical to DDIM with the same eta in sigma-space."""
-    return sample_ddim(denoise, x, sigmas, eta=eta, generator=generator, callback=callback)
+    """Euler-ancestral (k-diffusion). Alias: :func:`sample_ddim` with eta = 1 by default, bit for bit.
+
+    ``eta`` stays a parameter (the CLI's ``--eta``); any eta gives ``sample_ddim`` with that eta.
+    """
+    return sample_ddim(denoise, x, sigmas, eta=eta, s_noise=s_noise, generator=generator, callback=callback)
 
 
 DDPMVariance = Literal["fixed_small", "fixed_large", "learned"]
@@ -101,13 +116,17 @@ def sample_ddpm(
     """Ancestral DDPM (Ho et al. 2020, Alg. 2) over any grid: x' ~ N(posterior mean, var).
 
     The posterior mean in sigma-space is D + (sigma'^2 / sigma^2)(x - D). Variances per step:
-    fixed_small = beta_tilde: sigma'^2 (sigma^2 - sigma'^2) / sigma^2; fixed_large = beta:
-    (sigma^2 - sigma'^2)(1 + sigma'^2) / (1 + sigma^2) (both VP quantities / alpha_bar');
-    learned: iDDPM's log-space interpolation, with the weight from ``denoise.with_variance``.
+    fixed_small = beta_tilde: sigma'^2 (sigma^2 - sigma'^2) / sigma^2, which is exactly
+    :func:`sample_ddim` with eta = 1 (so it runs that, equal to float64 round-off with the
+    formula); fixed_large = beta: (sigma^2 - sigma'^2)(1 + sigma'^2) / (1 + sigma^2) (both VP
+    quantities / alpha_bar'); learned: iDDPM's log-space interpolation, with the weight from
+    ``denoise.with_variance``.
     """
     s = check_sigmas(sigmas).tolist()
     if variance not in ("fixed_small", "fixed_large", "learned"):
         raise ValueError(f"unknown variance {variance!r}; allowed: fixed_small, fixed_large, learned")
+    if variance == "fixed_small":
+        return sample_ddim(denoise, x, sigmas, eta=1.0, generator=generator, callback=callback)
     if variance == "learned" and not hasattr(denoise, "with_variance"):
         raise ValueError("variance='learned' needs a denoiser with with_variance(x, sigma) (a learned_range model)")
     for i in range(len(s) - 1):
@@ -128,7 +147,7 @@ def sample_ddpm(
         if variance == "learned":
             std = (0.5 * (frac * math.log(large) + (1 - frac) * math.log(small))).exp()
         else:
-            std = math.sqrt(small if variance == "fixed_small" else large)
+            std = math.sqrt(large)
         x = mean + std * randn_like(x, generator)
     return x
 
@@ -187,13 +206,24 @@ def sample_heun(
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_dpmpp_2m(
-    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None
+def sample_dpmpp_2m_sde(
+    denoise: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    generator: Generator = None,
+    callback=None,
 ) -> Tensor:
-    """DPM-Solver++(2M), Lu et al. (2022b), Alg. 2: second-order multistep; N evaluations.
+    """DPM-Solver++(2M) SDE, midpoint variant (k-diffusion; Lu et al. 2022b, App. B); eta = 0 is 2M.
 
-    x' = (sigma' / sigma) x - expm1(-h) D_hat, D_hat = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1},
-    h = lambda' - lambda, r = h_{i-1} / h. First order on the first and the last (to 0) step.
+    With h = lambda' - lambda, r = h_{i-1} / h, D_hat = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} and
+    rho = (sigma' / sigma) e^{-eta h}: x' = rho x + (1 - rho) D_hat + sigma' sqrt(1 - e^{-2 eta h}) z
+    (1 - rho = -expm1(-h (1 + eta)), k-diffusion's coefficient). At eta = 0, rho = sigma' / sigma
+    and this is DPM-Solver++(2M), Alg. 2, bit for bit. First order on the first step; the last
+    (to 0) returns D. N evaluations. (k-diffusion's 'heun' variant weights (D_i - D_{i-1}) / r by
+    1 + expm1(-h)/h instead of (1 - e^{-h}) / 2: another second-order method, not Alg. 2.)
     """
     s = check_sigmas(sigmas).tolist()
     prev, h_prev = None, None
@@ -204,16 +234,22 @@ def sample_dpmpp_2m(
             break
         h = math.log(s[i] / s[i + 1])
         d = x0 if prev is None else x0 + (x0 - prev) * (h / (2 * h_prev))
-        x = first_order_step(x, d, s[i], s[i + 1])
+        x = first_order_step(x, d, s[i], s[i + 1] * math.exp(-eta * h))
+        if eta > 0:
+            x = x + randn_like(x, generator) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
         prev, h_prev = x0, h
     return x
 
 
-def sample_dpmpp_3m(
+def sample_dpmpp_2m(
     denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None
 ) -> Tensor:
-    """DPM-Solver++(3M): third-order multistep (k-diffusion's dpmpp_3m_sde with eta = 0)."""
-    return sample_dpmpp_3m_sde(denoise, x, sigmas, eta=0.0, generator=generator, callback=callback)
+    """DPM-Solver++(2M), Lu et al. (2022b), Alg. 2: second-order multistep; N evaluations.
+
+    Alias: :func:`sample_dpmpp_2m_sde` with eta = 0, bit for bit: x' = (sigma' / sigma) x -
+    expm1(-h) D_hat. First order on the first and the last (to 0) step.
+    """
+    return sample_dpmpp_2m_sde(denoise, x, sigmas, eta=0.0, generator=generator, callback=callback)
 
 
 def sample_dpmpp_3m_sde(
@@ -260,111 +296,24 @@ def sample_dpmpp_3m_sde(
     return x
 
 
-def sample_dpmpp_2m_sde(
-    denoise: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-    generator: Generator = None,
-    callback=None,
+def sample_dpmpp_3m(
+    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None
 ) -> Tensor:
-    """DPM-Solver++(2M) SDE, midpoint variant (k-diffusion; Lu et al. 2022b, App. B). N evaluations."""
-    s = check_sigmas(sigmas).tolist()
-    prev, h_prev = None, None
-    for i in range(len(s) - 1):
-        x0 = evaluate(denoise, x, sigmas[i], i, callback)
-        if s[i + 1] == 0:
-            x = x0
-            break
-        h = math.log(s[i] / s[i + 1])
-        eta_h = eta * h
-        coef = -math.expm1(-h - eta_h)
-        x = (s[i + 1] / s[i]) * math.exp(-eta_h) * x + coef * x0
-        if prev is not None:
-            x = x + 0.5 * coef * (h / h_prev) * (x0 - prev)
-        if eta > 0:
-            x = x + randn_like(x, generator) * (s[i + 1] * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
-        prev, h_prev = x0, h
-    return x
+    """DPM-Solver++(3M): third-order multistep. Alias: :func:`sample_dpmpp_3m_sde` with eta = 0, bit for bit."""
+    return sample_dpmpp_3m_sde(denoise, x, sigmas, eta=0.0, generator=generator, callback=callback)
 
 
-# ---------------------------------------------------------------------------------------------
-# Linear multistep (LMS) with exact coefficients
-# ---------------------------------------------------------------------------------------------
-
-
-def lms_coefficients(nodes: Sequence[float], a: float, b: float) -> list[float]:
-    """Integrals over [a, b] of the Lagrange basis polynomials on ``nodes``, in closed form.
-
-    c_j = int_a^b prod_{k != j} (tau - t_k) / (t_j - t_k) d tau, computed by integrating the
-    polynomial exactly (numpy.polynomial), instead of numerical quadrature at every step.
-    """
-    out = []
-    for j, tj in enumerate(nodes):
-        others = [tk for k, tk in enumerate(nodes) if k != j]
-        poly = P.polyfromroots(others) / np.prod([tj - tk for tk in others]) if others else np.array([1.0])
-        integral = P.polyint(poly)
-        out.append(float(P.polyval(b, integral) - P.polyval(a, integral)))
-    return out
-
-
-def sample_lms(
-    denoise: Denoiser, x: Tensor, sigmas: Tensor, *, order: int = 4, generator: Generator = None, callback=None
-) -> Tensor:
-    """Linear multistep in sigma (Karras/k-diffusion 'lms'): Adams-Bashforth on dx/dsigma; N evaluations."""
-    s = check_sigmas(sigmas).tolist()
-    ds: list[Tensor] = []
-    for i in range(len(s) - 1):
-        x0 = evaluate(denoise, x, sigmas[i], i, callback)
-        ds = ([(x - x0) / s[i]] + ds)[:order]  # newest first: ds[j] is dx/dsigma at s[i - j]
-        coefs = lms_coefficients([s[i - j] for j in range(len(ds))], s[i], s[i + 1])
-        x = x + sum(c * d for c, d in zip(coefs, ds, strict=True))
-    return x
-
-
-# ---------------------------------------------------------------------------------------------
-# Adaptive probability-flow ODE
-# ---------------------------------------------------------------------------------------------
-
-
-def sample_rk45(
-    denoise: Denoiser,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    rtol: float = 1e-4,
-    atol: float = 1e-4,
-    max_nfe: int | None = None,
-    info: dict | None = None,
-    generator: Generator = None,
-    callback=None,
-) -> Tensor:
-    """Adaptive Dormand-Prince 5(4) on the PF-ODE in log sigma: dx / dlog(sigma) = x - D(x, sigma).
-
-    Integrates from sigmas[0] to the smallest positive sigma of the grid (the rest of the grid is
-    ignored), then takes the final step to 0 as D(x, sigma_min). The number of evaluations used is
-    written to ``info["nfe"]``; ``max_nfe`` bounds it (ValueError when the tolerance needs more).
-    """
-    s = check_sigmas(sigmas)
-    s_max, s_min = float(s[0]), float(s[-2])
-    count = {"i": 0}
-
-    def f(log_sigma: float, y: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        sig = torch.tensor(math.exp(log_sigma), dtype=torch.float64)
-        x0 = evaluate(denoise, y[0], sig, count["i"], callback)
-        count["i"] += 1
-        return (y[0] - x0,)
-
-    budget = None if max_nfe is None else max_nfe - 1
-    (x,), stats = solve_rk45(f, (x,), math.log(s_max), math.log(s_min), rtol=rtol, atol=atol, max_nfe=budget)
-    x = evaluate(denoise, x, s[-2], count["i"], callback)
-    if info is not None:
-        info["nfe"] = stats.nfe + 1
-        info["steps"] = stats.accepted
-        info["rejected"] = stats.rejected
-    return x
+# Names that are another sampler with parameters fixed: name -> (sampler, the fixed parameters).
+ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("ddim", {"eta": 0.0}),
+    "euler_ancestral": ("ddim", {"eta": 1.0}),
+    "ddpm": ("ddim", {"eta": 1.0}),  # variance="fixed_small", the default
+    "dpmpp_2m": ("dpmpp_2m_sde", {"eta": 0.0}),
+    "dpmpp_3m": ("dpmpp_3m_sde", {"eta": 0.0}),
+    "unipc_bh1": ("unipc", {"variant": "bh1", "order": 2}),
+    "unipc_bh2": ("unipc", {"variant": "bh2", "order": 2}),
+    "unipc_3": ("unipc", {"variant": "bh2", "order": 3}),
+}
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {

@@ -2,6 +2,8 @@
 
 Each new denoiser output first corrects the point it was evaluated at (UniC, no extra
 evaluation), then predicts the next point (UniP); orders warm up and fall back at the end.
+One implementation, :func:`sample_unipc`; ``unipc_bh1``, ``unipc_bh2`` and ``unipc_3`` fix its
+variant and order.
 """
 
 from __future__ import annotations
@@ -102,15 +104,15 @@ def sample_unipc(
 
 
 def sample_unipc_bh1(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
-    """UniPC with B(h) = h (bh1), order 2."""
+    """UniPC with B(h) = h (bh1), order 2. Alias: :func:`sample_unipc` with variant="bh1"."""
     return sample_unipc(denoise, x, sigmas, variant="bh1", callback=callback)
 
 
 def sample_unipc_bh2(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
-    """UniPC with B(h) = e^h - 1 (bh2), order 2."""
+    """UniPC with B(h) = e^h - 1 (bh2), order 2: the name ``unipc`` under its variant, bit for bit."""
     return sample_unipc(denoise, x, sigmas, variant="bh2", callback=callback)
 
 
 def sample_unipc_3(denoise: Denoiser, x: Tensor, sigmas: Tensor, *, generator: Generator = None, callback=None):
-    """UniPC-bh2 of order 3 (UniP-3 with UniC, 4th-order accurate when it settles)."""
+    """UniPC-bh2 of order 3 (UniP-3 with UniC, 4th-order accurate when it settles). Alias: order=3."""
     return sample_unipc(denoise, x, sigmas, order=3, variant="bh2", callback=callback)

@@ -13,9 +13,8 @@ Layout (every file written inside a temp folder, fsynced, then the folder rename
 A crash (even kill -9) at any point leaves the previous checkpoint intact, named by ``latest``,
 and loadable; resuming restores every RNG stream, so a resumed run ends bit-identical.
 
-Non-tensor trees (optimizer state, RNG, trainer state) go to JSON with tensors replaced by
-``{"__tensor__": key}``, tuples by ``{"__tuple__": [...]}`` and dicts with non-string keys by
-``{"__items__": [[k, v], ...]}``, so ``load`` rebuilds them exactly (types, dtypes and bits).
+Non-tensor trees (optimizer state, RNG, trainer state) are stored by :mod:`unnoise.training.files`
+(JSON with the tensors in a .safetensors beside it), which also does the atomic writes.
 """
 
 from __future__ import annotations
@@ -26,147 +25,26 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 
+from unnoise.training.files import (
+    atomic_write_text,
+    load_tree,
+    read_json,
+    read_safetensors,
+    save_tensors,
+    save_tree,
+    write_folder,
+    write_text,
+)
+
 _STEP = re.compile(r"step_(\d+)")
-_TAGS = {"__tensor__", "__tuple__", "__items__"}
-
-
-# ---- files: atomic writes, fsync, safetensors that refuse pickles ------------------------------
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a folder's entries') data to disk; folders may refuse on some systems."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a folder on Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file beside ``path``, then rename over it: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_text(tmp, text)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """safetensors refuses tensors sharing storage (tied weights): clone the repeats."""
-    seen, flat = set(), {}
-    for key, t in tensors.items():
-        t = t.detach().cpu().contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        flat[key] = t.clone() if ptr and ptr in seen else t
-        seen.add(ptr)
-    safetensors.torch.save_file(flat, path, metadata={"format": "pt"})
-    _fsync(path)
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file to CPU tensors; a pickle, a torch.save archive or a damaged file -> ValueError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing")
-    try:
-        return safetensors.torch.load_file(path, device="cpu")
-    except OSError:
-        raise
-    except Exception as e:  # SafetensorError and friends: one clear line, not the library's traceback
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5):
-            raise ValueError(
-                f"{path} holds a pickle/torch.save archive; unnoise loads only safetensors and never unpickles "
-                "(convert it where you trust its source, with safetensors.torch.save_file)"
-            ) from None
-        raise ValueError(f"{path} is not a valid safetensors file (truncated or corrupted?): {e}") from None
-
-
-# ---- trees of tensors and plain values <-> JSON + safetensors ----------------------------------
-
-
-def _encode(obj: Any, key: str, tensors: dict[str, torch.Tensor]) -> Any:
-    """Replace tensors (stored in ``tensors`` under a dotted key), tuples and non-str-keyed dicts by tags."""
-    child = (lambda k: f"{key}.{k}") if key else str
-    if isinstance(obj, torch.Tensor):
-        key = key if key not in tensors else f"{key}#{len(tensors)}"
-        tensors[key] = obj
-        return {"__tensor__": key}
-    if isinstance(obj, Mapping):
-        if all(isinstance(k, str) for k in obj) and not obj.keys() & _TAGS:
-            return {k: _encode(v, child(k), tensors) for k, v in obj.items()}
-        return {"__items__": [[_encode(k, "", {}), _encode(v, child(k), tensors)] for k, v in obj.items()]}
-    if isinstance(obj, tuple):
-        return {"__tuple__": [_encode(v, child(i), tensors) for i, v in enumerate(obj)]}
-    if isinstance(obj, list):
-        return [_encode(v, child(i), tensors) for i, v in enumerate(obj)]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise ValueError(
-        f"cannot store {key or 'value'!r} of type {type(obj).__name__} without pickle; allowed: tensors, "
-        "dicts, lists, tuples, str, int, float, bool, None"
-    )
-
-
-def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], where: Path) -> Any:
-    if isinstance(obj, list):
-        return [_decode(v, tensors, where) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    if obj.keys() == {"__tensor__"}:
-        if obj["__tensor__"] not in tensors:
-            raise ValueError(f"{where} refers to tensor {obj['__tensor__']!r}, missing from its .safetensors")
-        return tensors[obj["__tensor__"]]
-    if obj.keys() == {"__tuple__"}:
-        return tuple(_decode(v, tensors, where) for v in obj["__tuple__"])
-    if obj.keys() == {"__items__"}:
-        return {_decode(k, {}, where): _decode(v, tensors, where) for k, v in obj["__items__"]}
-    return {k: _decode(v, tensors, where) for k, v in obj.items()}
-
-
-def _save_tree(folder: Path, name: str, tree: Any) -> None:
-    tensors: dict[str, torch.Tensor] = {}
-    _write_text(folder / f"{name}.json", json.dumps(_encode(tree, "", tensors)))
-    if tensors:
-        _save_tensors(folder / f"{name}.safetensors", tensors)
-
-
-def _load_tree(folder: Path, name: str) -> Any:
-    tree, tensors_path = _read_json(folder / f"{name}.json"), folder / f"{name}.safetensors"
-    tensors = read_safetensors(tensors_path) if tensors_path.exists() else {}
-    return _decode(tree, tensors, folder / f"{name}.json")
 
 
 # ---- RNG ----------------------------------------------------------------------------------------
@@ -253,13 +131,13 @@ def save_config(run_dir: str | os.PathLike, config: Mapping[str, Any] | Any) -> 
         raise ValueError(f"config must be JSON-able (str, number, bool, None, list, dict): {e}") from None
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(run / "config.json", text)
+    atomic_write_text(run / "config.json", text)
     return run / "config.json"
 
 
 def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Read RUN/config.json."""
-    return _read_json(_require_run(run_dir) / "config.json")
+    return read_json(_require_run(run_dir) / "config.json")
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -287,30 +165,6 @@ def _step_folder(path: Path) -> Path:
     return step
 
 
-def _write_folder(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Create or replace the folder ``final`` atomically: ``fill`` a temporary folder beside it,
-    fsync, then rename; an existing ``final`` is moved aside first and dropped after. A reader sees
-    the old folder or the new one, never a mix; a crash leaves at most a ``.tmp-`` folder."""
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")  # mkdir, not mkdtemp: keep the umask's permissions
-    aside = final.with_name(f".tmp-{final.name}-old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        fill(tmp)
-        _fsync(tmp)
-        if final.exists():
-            os.replace(final, aside)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if aside.exists() and not final.exists():
-            os.replace(aside, final)
-        raise
-    _fsync(final.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-    return final
-
-
 def save_module(folder: str | os.PathLike, module: nn.Module, meta: Mapping[str, Any]) -> Path:
     """Write FOLDER/weights.safetensors and FOLDER/meta.json (config, metrics, provenance: JSON
     values) atomically, replacing any earlier FOLDER. For small auxiliary networks (classifiers)
@@ -318,10 +172,10 @@ def save_module(folder: str | os.PathLike, module: nn.Module, meta: Mapping[str,
     text = json.dumps(dict(meta), indent=2, ensure_ascii=False) + "\n"
 
     def fill(tmp: Path) -> None:
-        _save_tensors(tmp / "weights.safetensors", module.state_dict())
-        _write_text(tmp / "meta.json", text)
+        save_tensors(tmp / "weights.safetensors", module.state_dict())
+        write_text(tmp / "meta.json", text)
 
-    return _write_folder(Path(folder), fill)
+    return write_folder(Path(folder), fill)
 
 
 def read_module_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -329,7 +183,7 @@ def read_module_meta(folder: str | os.PathLike) -> dict[str, Any]:
     path = Path(folder) / "meta.json"
     if not path.is_file():
         raise FileNotFoundError(f"no saved module in {folder} (missing {path.name})")
-    return _read_json(path)
+    return read_json(path)
 
 
 def load_module(folder: str | os.PathLike, module: nn.Module) -> nn.Module:
@@ -362,16 +216,16 @@ def save_checkpoint(
     name = f"step_{step:08d}"
 
     def fill(tmp: Path) -> None:
-        _save_tensors(tmp / "model.safetensors", model.state_dict())
+        save_tensors(tmp / "model.safetensors", model.state_dict())
         if ema is not None:
-            _save_tensors(tmp / "ema.safetensors", ema.state_dict())
+            save_tensors(tmp / "ema.safetensors", ema.state_dict())
         if optimizer is not None:
-            _save_tree(tmp, "optimizer", optimizer.state_dict())
-        _save_tree(tmp, "rng", rng_state(generators))
-        _save_tree(tmp, "state", {**(state or {}), "step": step})
+            save_tree(tmp, "optimizer", optimizer.state_dict())
+        save_tree(tmp, "rng", rng_state(generators))
+        save_tree(tmp, "state", {**(state or {}), "step": step})
 
-    final = _write_folder(root / name, fill)  # re-saving a step (a resumed run passing it again) replaces it
-    _atomic_write_text(root / "latest", name + "\n")
+    final = write_folder(root / name, fill)  # re-saving a step (a resumed run passing it again) replaces it
+    atomic_write_text(root / "latest", name + "\n")
     if keep is not None:  # older steps only: folders from an abandoned later trajectory are left alone
         older = [p for p in _step_folders(root) if int(p.name[5:]) < step]
         for p in older[: max(len(older) - (keep - 1), 0)]:
@@ -398,8 +252,8 @@ def load_checkpoint(
         weights["ema"] = (ema, read_safetensors(folder / "ema.safetensors"))
     for name, (module, tensors) in weights.items():
         _check_keys(folder / f"{name}.safetensors", tensors, module)
-    opt_state = _load_tree(folder, "optimizer") if optimizer is not None else None
-    rng, state = _load_tree(folder, "rng"), _load_tree(folder, "state")
+    opt_state = load_tree(folder, "optimizer") if optimizer is not None else None
+    rng, state = load_tree(folder, "rng"), load_tree(folder, "state")
     for module, tensors in weights.values():
         module.load_state_dict(tensors)
     if optimizer is not None:

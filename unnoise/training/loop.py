@@ -1,9 +1,8 @@
 """The training loop: any dataset of tensors, any network, any objective.
 
-One step: a batch in a fixed per-epoch order, the objective (by default the DDPM family's:
-labels dropped to the null class with probability ``p_uncond`` for classifier-free guidance,
-``diffusion_loss`` at t from the timestep sampler), AdamW with linear warm-up, gradient
-clipping and accumulation, optional bf16 autocast on CPU, EMA with warm-up. The data order is a
+One step: a batch in a fixed per-epoch order, the objective (:mod:`unnoise.training.objectives`:
+DDPM family or EDM, with label dropout for classifier-free guidance and bf16 autocast), AdamW
+with linear warm-up, gradient clipping and accumulation, EMA with warm-up. The data order is a
 function of (seed, epoch) and every other random draw comes from one generator checkpointed
 with the weights, so ``resume`` continues exactly: a run killed with kill -9 and resumed ends
 bit-identical to an uninterrupted one.
@@ -19,71 +18,19 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from unnoise.diffusion import reverse_table
-from unnoise.losses import LossAwareSampler, UniformSampler, diffusion_loss
-from unnoise.schedules import make_schedule
 from unnoise.training import distributed
 from unnoise.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_config
+from unnoise.training.config import TrainConfig
 from unnoise.training.distributed import Draws
 
 Forward = Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]  # (net, x_t, t, labels) -> output
 Objective = Callable[[nn.Module, Tensor, Tensor, Draws], Tensor]  # (net, x0, labels, draws) -> loss
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run; saved as the run folder's config.json."""
-
-    data: str = "digits"  # digits | fashion-mnist | a folder of images
-    image_size: int | None = None  # folders only
-    model: str = "small"  # a UNet preset: tiny | small | cifar
-    conditional: bool = True  # class labels with a null class (classifier-free guidance)
-    p_uncond: float = 0.1  # probability of training on the null label
-    T: int = 1000
-    schedule: str = "cosine"
-    prediction: Literal["eps", "x0", "v"] = "eps"
-    loss: Literal["simple", "hybrid", "min_snr"] = "simple"
-    min_snr_gamma: float = 5.0
-    timestep_sampling: Literal["uniform", "loss_aware"] = "uniform"
-    steps: int = 2000
-    batch_size: int = 64
-    grad_accum: int = 1
-    lr: float = 1e-3
-    warmup: int = 100
-    lr_decay: Literal["constant", "cosine"] = "constant"  # after warm-up; cosine reaches 0 at `steps`
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    bf16: bool = False
-    seed: int = 0
-    log_every: int = 25
-    save_every: int = 500
-    keep: int = 3
-    extra: dict = field(default_factory=dict)  # modality-specific settings (network size, ...)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "T", "keep", "log_every", "save_every"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.p_uncond < 1:
-            raise ValueError(f"p_uncond must lie in [0, 1), got {self.p_uncond}")
-        if self.loss not in ("simple", "hybrid", "min_snr"):
-            raise ValueError(f"unknown loss {self.loss!r}; allowed: simple, hybrid, min_snr")
-        if self.lr_decay not in ("constant", "cosine"):
-            raise ValueError(f"unknown lr_decay {self.lr_decay!r}; allowed: constant, cosine")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
-
-    @property
-    def variance(self) -> str:
-        return "learned_range" if self.loss == "hybrid" else "fixed_small"
 
 
 @dataclass
@@ -177,7 +124,7 @@ def train(
     ``loss_fn(net, x0_batch, labels_batch, draws)`` is the objective: a scalar to minimise (a
     mean over the batch), drawing its randomness (t, noise, label dropout) from ``draws``
     (:class:`unnoise.training.distributed.Draws`), whose generator is checkpointed.
-    :func:`diffusion_objective` is the DDPM family's; a modality may bring its own.
+    :func:`unnoise.training.objectives.make_objective` makes the DDPM family's or EDM's.
     Writes RUN/config.json, RUN/log.jsonl and checkpoints every ``save_every`` steps and at the end.
     ``stop(step)``, asked after every step, ends training early (a time budget); the step it
     ends on is checkpointed like the last.
@@ -295,49 +242,6 @@ class _Step(nn.Module):
 
     def forward(self, x0: Tensor, labels: Tensor, draws: Draws) -> Tensor:
         return self.loss_fn(self.net, x0, labels, draws)
-
-
-def diffusion_objective(cfg: TrainConfig, null_label: int | None, forward: Forward | None = None) -> Objective:
-    """The DDPM-family objective of ``cfg``: labels dropped to ``null_label`` with probability
-    ``p_uncond``, t from the timestep sampler, ``diffusion_loss`` (simple, hybrid or min-SNR),
-    importance-weighted, under bf16 autocast when asked. ``forward(net, x_t, t, labels)`` calls
-    the network (default ``net(x_t, t, labels)``).
-
-    The loss-aware sampler learns from the losses of the whole global batch (gathered from every
-    process), so its state is the same on every rank; the objective's ``state_dict`` /
-    ``load_state_dict`` carry it through checkpoints.
-    """
-    forward = forward or (lambda m, x, t, y: m(x, t, y))
-    table = reverse_table(make_schedule(cfg.schedule, cfg.T))
-    loss_aware = cfg.timestep_sampling == "loss_aware"
-    sampler = (LossAwareSampler if loss_aware else UniformSampler)(cfg.T)
-
-    def objective(net: nn.Module, x0: Tensor, y: Tensor, draws: Draws) -> Tensor:
-        if null_label is not None and cfg.p_uncond > 0:
-            drop = draws.rand().to(y.device) < cfg.p_uncond
-            y = torch.where(drop, torch.full_like(y, null_label), y)
-        t, weights = (draws.keep(v).to(x0.device) for v in sampler.sample(draws.batch, draws.generator))
-        noise = draws.randn(*x0.shape[1:], dtype=x0.dtype).to(x0.device)
-        labels = y if null_label is not None else None
-        with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-            terms = diffusion_loss(
-                lambda x_t, tt: forward(net, x_t, tt, labels).to(x0.dtype),
-                x0,
-                t,
-                noise,
-                table,
-                prediction=cfg.prediction,
-                variance=cfg.variance,
-                kind="hybrid" if cfg.loss == "hybrid" else "simple",
-                min_snr_gamma=cfg.min_snr_gamma if cfg.loss == "min_snr" else None,
-            )
-        if loss_aware:
-            sampler.update(distributed.gather_rows(t).cpu(), distributed.gather_rows(terms.loss.detach()).cpu())
-        return (terms.loss * weights.to(terms.loss)).mean()
-
-    objective.state_dict = sampler.state_dict  # type: ignore[attr-defined]
-    objective.load_state_dict = sampler.load_state_dict  # type: ignore[attr-defined]
-    return objective
 
 
 def _net_config(net: nn.Module) -> dict:

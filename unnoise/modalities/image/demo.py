@@ -10,34 +10,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from unnoise.modalities.image.io import save_grid, save_trajectory
-from unnoise.modalities.image.pipeline import eval_bpd, load_run, sample_images, train_images
-from unnoise.training.loop import TrainConfig
+from unnoise.modalities.image.io import save_grid, save_trajectory, trajectory_frames
+from unnoise.modalities.image.metrics import eval_bpd
+from unnoise.modalities.image.pipeline import sample_images
+from unnoise.modalities.run import load_run, make_config, train
 
 
 def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
-    cfg = TrainConfig(
-        data="digits",
-        model="small",
-        steps=steps or 1500,
-        batch_size=128,
-        lr=2e-3,
-        warmup=100,
-        seed=seed,
-        save_every=500,
-        ema_decay=0.999,
-    )
+    settings = dict(steps=steps or 1500, batch_size=128, lr=2e-3, warmup=100, seed=seed, save_every=500)
+    cfg = make_config("image", settings | {"data": "digits", "model": "small", "ema_decay": 0.999})
     start = time.perf_counter()
-    train_images(cfg, out / "run")
+    train("image", cfg, out / "run")
     train_s = time.perf_counter() - start
     run = load_run(out / "run")
     images, _ = sample_images(run, n=100, sampler="dpmpp_2m_sde", nfe=20, guidance=2.0)
     save_grid(out / "samples.png", images, nrow=10, scale=4)
     trajectory: list = []
     sample_images(run, n=10, sampler="dpmpp_2m_sde", nfe=12, guidance=2.0, trajectory=trajectory)
-    from unnoise.cli.main import _frames
-
-    save_trajectory(out / "trajectory.png", _frames(trajectory, rows=10), scale=4)
+    save_trajectory(out / "trajectory.png", trajectory_frames(trajectory, rows=10), scale=4)
     bpd, se = eval_bpd(run, n=200)
     print(f"trained {cfg.steps} steps in {train_s:.0f} s; wrote {out / 'samples.png'} and {out / 'trajectory.png'}")
     print(f"test negative ELBO (200 held-out digits, p(x | y)): {bpd:.3f} +- {se:.3f} bits/dim")

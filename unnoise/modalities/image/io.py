@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["save_grid", "save_npz", "save_trajectory"]
+__all__ = ["save_grid", "save_npz", "save_trajectory", "trajectory_frames"]
 
 
 def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -151,3 +151,17 @@ def save_trajectory(
         except OSError:  # no usable default font on this system: keep the unlabelled grid
             pass
     return _atomic_write(path, lambda f: picture.save(f, format="PNG"))
+
+
+def trajectory_frames(trajectory: list, rows: int = 8, columns: int = 6) -> list[tuple[str, Tensor]]:
+    """x_t (labelled by its sigma) and the predicted x0 at up to ``columns`` steps of a sampler's
+    ``trajectory`` [(sigma, x, x0_hat), ...], first ``rows`` samples, as uint8 frames."""
+    from unnoise.modalities.image.data import to_uint8
+
+    picks = sorted({round(i * (len(trajectory) - 1) / max(1, columns - 1)) for i in range(columns)})
+    frames = []
+    for i in picks:
+        sigma, x, x0 = trajectory[i]
+        frames.append((f"{sigma:.1g}", to_uint8((x[:rows] / max(1.0, sigma)).clamp(-1, 1))))
+        frames.append(("x0", to_uint8(x0[:rows].clamp(-1, 1))))
+    return frames

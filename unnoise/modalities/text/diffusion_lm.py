@@ -22,9 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from unnoise.denoisers import TMap, from_discrete
-from unnoise.diffusion import check_finite, expand, posterior_coefficients, q_sample
+from unnoise.diffusion import check_finite, expand, mean_flat, posterior_coefficients, q_sample
 from unnoise.guidance import inpaint
-from unnoise.losses import mean_flat
 from unnoise.sampling.samplers import Denoiser, Generator
 from unnoise.schedules import DiscreteSchedule
 
