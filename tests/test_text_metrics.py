@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from unnoise.modalities.text.metrics import EOS, UNK, KneserNeyLM, bleu, distinct_n
+from unnoise.modalities.text.ngrams import EOS, UNK, KneserNeyLM, bleu, distinct_n
 
 CORPUS = [
     "the cat sat on the mat".split(),

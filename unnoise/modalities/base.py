@@ -3,8 +3,9 @@
 A modality is a dataset of tensors, a network factory, how a batch enters the network (encode),
 how a sample leaves it (write), its metrics and its demo. Everything else (the objectives, the
 trainer, the samplers, guidance, the CLI's dispatch) is written once, in :mod:`unnoise.modalities.run`
-and :mod:`unnoise.cli`. A new modality is one subpackage with a ``pipeline.py`` whose ``MODALITY``
-implements this protocol, plus one line in :data:`REGISTRY`.
+and :mod:`unnoise.cli`. A new modality is one subpackage (data.py, pipeline.py, metrics.py, io.py,
+demo.py) with a ``modality.py`` whose ``MODALITY`` implements this protocol, plus one line in
+:data:`REGISTRY`; nothing in the package imports a modality.py but :func:`get_modality`.
 """
 
 from __future__ import annotations
@@ -21,12 +22,11 @@ from unnoise.training.objectives import Encoded, Net
 
 # name -> the module whose MODALITY implements it (imported only when that modality is used)
 REGISTRY: dict[str, str] = {
-    "image": "unnoise.modalities.image.pipeline",
-    "text": "unnoise.modalities.text.pipeline",
-    "audio": "unnoise.modalities.audio.pipeline",
-    "toy": "unnoise.modalities.toy.pipeline",
+    "image": "unnoise.modalities.image.modality",
+    "text": "unnoise.modalities.text.modality",
+    "audio": "unnoise.modalities.audio.modality",
+    "toy": "unnoise.modalities.toy.modality",
 }
-
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Modality(Protocol):
     default_sampler: str
     sample_options: frozenset[str]  # the `unnoise sample` options it takes besides sampler, nfe, n, seed, out
     eval_options: frozenset[str]  # the `unnoise eval` options it takes besides sampler, nfe, seed
+    sharded: bool  # whether sample/eval deal their work to the processes of a torchrun group
+    run_type: type  # the Run subclass a loaded run is (with the modality's conveniences)
 
     def check(self, cfg: Any) -> None:
         """Refuse, in one line, a setting this modality cannot honour (ValueError)."""

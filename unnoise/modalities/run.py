@@ -171,4 +171,4 @@ def load_run(run_dir: str | Path, which: str = "ema", expect: str | None = None)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: train first (unnoise train {name} ...)")
     load_model_weights(step, model, which=which)
-    return Run(modality, cfg, model.eval(), config, Path(run_dir))
+    return getattr(modality, "run_type", Run)(modality, cfg, model.eval(), config, Path(run_dir))

@@ -15,32 +15,35 @@ from pathlib import Path
 import torch
 
 from unnoise.modalities.audio.io import save_spectrogram_grid, save_wav
-from unnoise.modalities.audio.pipeline import load_audio_run, sample_audio, train_audio
-from unnoise.training.loop import TrainConfig
+from unnoise.modalities.audio.pipeline import load_audio_run, sample_audio
+from unnoise.modalities.run import make_config, train
 
 GUIDANCE = 4.0  # classifier-free guidance: on a briefly trained model, 4 says the digit far more clearly than 2
 NFE = 10  # unipc at 10 NFE: as accurate as 20 in benchmarks/audio.py, at half the time
 
 
 def run_audio_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
-    cfg = TrainConfig(
-        data="spoken-digits",
-        model="small",
-        schedule="diffwave",
-        T=200,
-        steps=steps or 200,
-        batch_size=16,
-        lr=1e-3,
-        warmup=20,
-        seed=seed,
-        save_every=10**6,
-        log_every=10,
-        ema_decay=0.99,
-        bf16=True,
-        extra={"arch": "unet"},
+    cfg = make_config(
+        "audio",
+        dict(
+            data="spoken-digits",
+            model="small",
+            schedule="diffwave",
+            T=200,
+            steps=steps or 200,
+            batch_size=16,
+            lr=1e-3,
+            warmup=20,
+            seed=seed,
+            save_every=10**6,
+            log_every=10,
+            ema_decay=0.99,
+            bf16=True,
+            extra={"arch": "unet"},
+        ),
     )
     start = time.perf_counter()
-    train_audio(cfg, out / "run")
+    train("audio", cfg, out / "run")
     train_s = time.perf_counter() - start
     run = load_audio_run(out / "run")
     start = time.perf_counter()

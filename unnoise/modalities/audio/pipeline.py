@@ -1,11 +1,10 @@
-"""Audio end to end: waveform diffusion on spoken digits (a 1-D U-Net or DiffWave), trained and sampled.
+"""Audio generation from a run, and the run's clips and network (a 1-D U-Net or DiffWave).
 
-The modality is a dataset of clips (unnoise.modalities.audio.data), a network and waveform scaling (clips are
-peak-normalised to [-1, 1]); the trainer (with the DDPM objective) and the samplers stay generic.
 The network is ``cfg.extra["arch"]``: "unet" (the default: the ADM U-Net of unnoise.nets.unet over the
 waveform, ``dims=1``, downsampling by 4 per level, so most of its compute runs at 1/16 to 1/64 of the
 rate and attention spans the clip) or "diffwave" (unnoise.nets.wavenet: every layer at the full rate).
-On spoken digits at equal CPU the U-Net learns far faster (benchmarks/audio.py, README).
+On spoken digits at equal CPU the U-Net learns far faster (benchmarks/audio.py, README). Clips are
+peak-normalised waveforms in [-1, 1]; samples leave as such, (N, samples).
 """
 
 from __future__ import annotations
@@ -14,24 +13,20 @@ import dataclasses
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from unnoise.denoisers import bf16_autocast, clipped, labelled
-from unnoise.guidance import conditioned
+from unnoise.denoisers import clipped
 from unnoise.modalities.audio.data import AudioDataset, load_wav_folder, make_spoken_digits
+from unnoise.modalities.run import Run, load_run
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
 from unnoise.sampling.front import sample as run_sampler
 from unnoise.sampling.front import start_sigma
-from unnoise.schedules import DiscreteSchedule, make_schedule
 from unnoise.training import distributed
-from unnoise.training.checkpoint import latest_checkpoint, load_config, load_model_weights
-from unnoise.training.loop import TrainConfig, diffusion_objective, train
+from unnoise.training.config import TrainConfig
 
 
 def audio_dataset(cfg: TrainConfig, split: str = "train") -> AudioDataset:
@@ -86,6 +81,7 @@ def audio_net(cfg: TrainConfig, samples: int, num_classes: int | None) -> nn.Mod
     lowest = samples // size["factor"] ** (len(size["channel_mults"]) - 1)
     # attention at the lowest level only: a few hundred positions that together span the clip
     kw = dict(attention_resolutions=(lowest,)) | size
+    kw["learned_variance"] = cfg.learned_variance
     config = UNetConfig(image_size=samples, in_channels=1, num_classes=num_classes, **kw)
     cfg.extra["unet"] = dataclasses.asdict(config)
     return UNet(config)
@@ -97,33 +93,12 @@ def _load_net(cfg: TrainConfig) -> nn.Module:
     return DiffWave(WaveNetConfig(**cfg.extra["wavenet"]))
 
 
-def train_audio(
-    cfg: TrainConfig,
-    run_dir: str | Path,
-    *,
-    resume: bool = False,
-    progress: bool = True,
-    stop: Callable[[int], bool] | None = None,
-) -> nn.Module:
-    """Train the audio network on ``cfg.data`` (class-conditional with a null class when labelled).
+class AudioRun(Run):
+    """An audio run with its sample rate and clip length."""
 
-    ``stop(step)`` may end training early (see :func:`unnoise.training.loop.train`).
-    """
-    torch.manual_seed(cfg.seed)
-    data = audio_dataset(cfg, "train")
-    num_classes = len(data.class_names) if cfg.conditional and data.class_names else None
-    cfg.extra |= {"modality": "audio", "class_names": list(data.class_names), "sample_rate": data.sample_rate}
-    net = audio_net(cfg, data.waves.shape[-1], num_classes)
-    x0 = data.waves[:, None, :]  # (N, 1, samples)
-    loss_fn = diffusion_objective(cfg, num_classes)
-    return train(cfg, run_dir, net, x0, data.labels, loss_fn=loss_fn, resume=resume, progress=progress, stop=stop)
-
-
-@dataclass
-class AudioRun:
-    net: nn.Module  # EMA weights; a DiffWave or a waveform U-Net, with .config.num_classes
-    schedule: DiscreteSchedule
-    cfg: TrainConfig
+    @property
+    def net(self) -> nn.Module:
+        return self.model
 
     @property
     def sample_rate(self) -> int:
@@ -135,15 +110,7 @@ class AudioRun:
 
 
 def load_audio_run(run_dir: str | Path) -> AudioRun:
-    cfg = TrainConfig(**load_config(run_dir).get("train", {}))
-    if cfg.extra.get("modality") != "audio":
-        raise ValueError(f"{Path(run_dir) / 'config.json'} is not an audio run")
-    net = _load_net(cfg)
-    step = latest_checkpoint(run_dir)
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir}: train first (unnoise train audio ...)")
-    load_model_weights(step, net, which="ema")
-    return AudioRun(net.eval(), make_schedule(cfg.schedule, cfg.T), cfg)
+    return load_run(run_dir, expect="audio")
 
 
 @torch.no_grad()
@@ -158,14 +125,15 @@ def sample_audio(
     seed: int = 0,
     grid: str | None = None,
     bf16: bool | None = None,
+    **options,
 ) -> tuple[Tensor, Tensor]:
     """``n`` clips (N, samples) in [-1, 1] and their labels; conditional runs cycle the classes.
 
     ``grid="diffwave"`` with ``sampler="ddpm", nfe=6`` is DiffWave's fast sampler (its 6-step
     inference schedule); the chain starts at that grid's top noise level. ``bf16`` runs the network
-    under bfloat16 autocast (None: as it was trained).
+    under bfloat16 autocast (None: as it was trained). ``options`` (eta) go to the sampler.
     """
-    k = run.net.config.num_classes
+    k = run.model.config.num_classes
     if class_id is not None and (k is None or not 0 <= class_id < k):
         allowed = "none: this model is unconditional" if k is None else f"0..{k - 1}"
         raise ValueError(f"unknown class {class_id}; allowed: {allowed}")
@@ -173,25 +141,15 @@ def sample_audio(
         raise ValueError("this model is unconditional: guidance needs a class-conditional run (leave it at 1)")
     labels = torch.full((n,), class_id) if class_id is not None else torch.arange(n) % (k or 1)
     generators = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    s_max, s_min = run.schedule.sigma_max, run.schedule.sigma_min
+    s_max, s_min = run.sigma_max, run.sigma_min
     top = start_sigma(sampler, nfe, s_max, s_min, grid, run.schedule)
     x = torch.stack([torch.randn(1, run.samples, generator=g) for g in generators]) * top
-
-    net = bf16_autocast(run.net) if (run.cfg.bf16 if bf16 is None else bf16) else run.net
-    conditional = labelled(net, run.schedule, prediction=run.cfg.prediction)
     null = None if k is None else torch.tensor(k)
-    D = conditioned(conditional, None if k is None else labels, null, guidance)
+    D = clipped(run.denoiser(None if k is None else labels, null, guidance, bf16=bf16))
     out = run_sampler(
-        clipped(D),
-        x,
-        sampler=sampler,
-        nfe=nfe,
-        sigma_max=s_max,
-        sigma_min=s_min,
-        grid=grid,
-        schedule=run.schedule,
-        generator=generators,
-    )
+        D, x, sampler=sampler, nfe=nfe, sigma_max=s_max, sigma_min=s_min, grid=grid, schedule=run.schedule,
+        generator=generators, **options,
+    )  # fmt: skip
     return out[:, 0].clamp(-1, 1), labels if k is not None else torch.full((n,), -1)
 
 
@@ -230,6 +188,6 @@ def evaluate_audio(
         "rtf": audio_metrics.real_time_factor(seconds, n, clip_seconds),
         "fd": audio_metrics.feature_distance(judge, waves, real.waves),
     }
-    if run.net.config.num_classes is not None:
+    if run.model.config.num_classes is not None:
         scores["accuracy"] = audio_metrics.accuracy(judge, waves, labels)
     return scores

@@ -9,29 +9,34 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from unnoise.modalities.text.pipeline import fluency, load_text_run, sample_text, save_sentences, train_text
-from unnoise.training.loop import TrainConfig
+from unnoise.modalities.run import make_config, train
+from unnoise.modalities.text.io import save_sentences
+from unnoise.modalities.text.metrics import fluency
+from unnoise.modalities.text.pipeline import load_text_run, sample_text
 
 TEMPLATES = ("the ___ is near the ___ .", "the pub ___ ___ .", "___ cafe serves ___ food .")
 
 
 def run_text_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
-    cfg = TrainConfig(
-        data="tiny",
-        model="small",
-        schedule="sqrt",
-        steps=steps or 3000,
-        batch_size=64,
-        lr=5e-4,
-        warmup=100,
-        seed=seed,
-        save_every=1000,
-        log_every=50,
-        conditional=False,
-        extra={"embed_dim": 16, "net": {"width": 128, "depth": 6}},
+    cfg = make_config(
+        "text",
+        dict(
+            data="tiny",
+            model="small",
+            schedule="sqrt",
+            steps=steps or 3000,
+            batch_size=64,
+            lr=5e-4,
+            warmup=100,
+            seed=seed,
+            save_every=1000,
+            log_every=50,
+            conditional=False,
+            extra={"embed_dim": 16, "net": {"width": 128, "depth": 6}},
+        ),
     )
     start = time.perf_counter()
-    train_text(cfg, out / "run")
+    train("text", cfg, out / "run")
     train_s = time.perf_counter() - start
     run = load_text_run(out / "run")
     generated = sample_text(run, n=200, sampler="dpmpp_2m_sde", nfe=50, seed=seed)

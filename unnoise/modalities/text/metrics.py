@@ -1,194 +1,167 @@
-"""Text metrics over tokenized sentences: a Kneser-Ney language model, distinct-n and corpus BLEU.
-
-A sentence is a list of tokens (strings); a corpus is a list of sentences. Everything here is pure
-Python, so the metrics can score decoded samples of a text diffusion model without extra packages.
-
-- `KneserNeyLM`: interpolated Kneser-Ney n-gram model (Chen and Goodman 1998, "An Empirical Study
-  of Smoothing Techniques for Language Modeling", eq. 26 with a single fixed discount D), used to
-  score the fluency of generated text by perplexity.
-- `distinct_n`: distinct n-grams / all n-grams (Li et al. 2016, "A Diversity-Promoting Objective
-  Function for Neural Conversation Models"), a diversity measure.
-- `bleu`: corpus BLEU (Papineni et al. 2002, "BLEU: a Method for Automatic Evaluation of Machine
-  Translation"), with multiple references and no smoothing.
-"""
+"""Text metrics of a run: fluency (Kneser-Ney perplexity, distinct-2) of generated against held-out
+sentences, data-to-text BLEU, and held-out bits/token (Diffusion-LM's variational bound)."""
 
 from __future__ import annotations
 
 import math
-from collections import Counter, defaultdict
-from collections.abc import Sequence
 
-BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+import torch
+from torch import Tensor
 
-Sentence = Sequence[str]
-
-
-def _check_corpus(sentences: Sequence[Sentence], what: str) -> None:
-    if len(sentences) == 0:
-        raise ValueError(f"{what} must be a non-empty list of sentences (lists of str tokens)")
-    for s in sentences:
-        if isinstance(s, str) or not all(isinstance(t, str) for t in s):
-            raise ValueError(f"{what}: each sentence must be a list of str tokens, got {s!r}")
+from unnoise.diffusion import x0_from_prediction
+from unnoise.modalities.text.data import tokenize
+from unnoise.modalities.text.diffusion_lm import TextNetwork, text_elbo
+from unnoise.modalities.text.ngrams import KneserNeyLM, bleu, distinct_n
+from unnoise.modalities.text.pipeline import TextRun, encode_mrs, mr_tokens, sample_text, sentences, text_data
 
 
-def _ngrams(tokens: Sentence, n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+def x0_network(run: TextRun) -> TextNetwork:
+    """The run's transformer as an x0-predictor ``net(x_t, t, cond)`` at integer steps t, whatever
+    it was trained to predict (the text ELBO scores predictions of x0)."""
+    net, prediction = run.model.net, run.cfg.prediction
+    if prediction == "x0":
+        return net
+    alpha_bar = run.schedule.alpha_bar  # index t: alpha_bar[0] = 1
+
+    def predict_x0(x_t: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        ab = alpha_bar[t.long().cpu()].to(x_t)
+        return x0_from_prediction(net(x_t, t, cond), x_t, ab, prediction)
+
+    return predict_x0
 
 
-class KneserNeyLM:
-    """Interpolated Kneser-Ney n-gram language model with a fixed absolute discount.
+def fluency(run: TextRun, generated: list[str]) -> dict[str, float]:
+    """Perplexity under a Kneser-Ney trigram LM fitted on the training sentences (the "lm-score"
+    idea without a download), for generated and held-out real text, and their distinct-2 (the
+    real text's on as many sentences as were generated, since distinct-n depends on corpus size)."""
+    lm = KneserNeyLM(order=3).fit([tokenize(s) for s in sentences(run.cfg, "train")])
+    real = [tokenize(s) for s in sentences(run.cfg, "held_out")]
+    fake = [tokenize(s) for s in generated if s.strip()] or [["<unk>"]]
+    # distinct-n falls as a corpus grows: compare equal numbers of sentences (a fixed random subset).
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[: len(fake)].tolist()
+    return {
+        "ppl_generated": lm.perplexity(fake),
+        "ppl_held_out": lm.perplexity(real),
+        "distinct2_generated": distinct_n(fake, 2),
+        "distinct2_held_out": distinct_n([real[i] for i in pick], 2),
+    }
 
-    For the highest order n, with raw counts c and history h = w_{i-n+1..i-1},
 
-        p_n(w | h) = max(c(h w) - D, 0) / c(h .) + D N1+(h .) / c(h .) * p_{n-1}(w | h'),
+@torch.no_grad()
+def bits_per_token(
+    run: TextRun,
+    *,
+    n: int | None = 200,
+    steps: int | None = 100,
+    conditional: bool = False,
+    batch_size: int = 100,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Held-out negative ELBO in bits per token (words and ``<end>``; pads, which follow from the
+    end, are modelled but not counted): (estimate, standard error), from
+    :func:`unnoise.modalities.text.diffusion_lm.text_elbo` on the first ``n`` held-out sentences (None: all).
 
-    where h' drops the oldest word of h and N1+(h .) is the number of distinct words seen after h.
-    Lower orders k < n use the same formula with c replaced by the continuation count
-    N1+(. h w) = number of distinct words seen before h w (Chen and Goodman 1998, sec. 3). The
-    recursion ends at p_0(w) = 1 / |V|, the uniform distribution over V = training words + "</s>"
-    + "<unk>", so unseen words get nonzero probability. A history never seen at level k
-    (c(h .) = 0) passes all its mass to level k-1. Because every count is >= 1 >= D, each level
-    sums to one over V, so `prob(., context)` is a proper distribution for any context.
-
-    Sentences are padded with n-1 "<s>" tokens and end with "</s>", which is predicted; "<s>" is
-    never predicted. Test words outside the training vocabulary are mapped to "<unk>".
+    ``steps`` strata (at most T - 1) estimate the sum over t (None: all T steps, exact but T calls).
+    ``conditional`` scores p(w | MR) with each sentence's meaning representation; otherwise p(w)
+    under the null MR. The estimate is total bits over total tokens; its standard error is the
+    ratio estimator's.
     """
-
-    def __init__(self, order: int = 3, discount: float = 0.75) -> None:
-        if not isinstance(order, int) or order < 1:
-            raise ValueError(f"order must be an integer >= 1, got {order!r}")
-        if not 0.0 < discount <= 1.0:
-            raise ValueError(f"discount must be in (0, 1], got {discount!r}")
-        self.order = order
-        self.discount = float(discount)
-        self.vocabulary: frozenset[str] = frozenset()
-        # counts[k][h][w]: raw counts for k == order, continuation counts N1+(. h w) below.
-        self._counts: list[dict[tuple[str, ...], Counter[str]]] = []
-        # totals[k][h] = (sum_w counts[k][h][w], number of w with a nonzero count)
-        self._totals: list[dict[tuple[str, ...], tuple[int, int]]] = []
-
-    def _pad(self, sentence: Sentence) -> list[str]:
-        words = [t if t in self.vocabulary else UNK for t in sentence]
-        return [BOS] * (self.order - 1) + words + [EOS]
-
-    def fit(self, sentences: Sequence[Sentence]) -> KneserNeyLM:
-        """Count n-grams of `sentences` (a non-empty list of token lists); returns self."""
-        _check_corpus(sentences, "sentences")
-        if any(BOS in s or EOS in s for s in sentences):
-            raise ValueError(f"sentences must not contain the reserved tokens {BOS!r}, {EOS!r}")
-        n = self.order
-        self.vocabulary = frozenset(t for s in sentences for t in s) | {EOS, UNK}
-        top: dict[tuple[str, ...], Counter[str]] = defaultdict(Counter)
-        # seen[k]: distinct (k+1)-grams ending on a predicted token, for continuation counts.
-        seen: list[set[tuple[str, ...]]] = [set() for _ in range(n)]
-        for s in sentences:
-            padded = self._pad(s)
-            for i in range(n - 1, len(padded)):
-                gram = tuple(padded[i - n + 1 : i + 1])
-                top[gram[:-1]][gram[-1]] += 1
-                for k in range(1, n):
-                    seen[k].add(gram[-(k + 1) :])
-        self._counts = [{} for _ in range(n + 1)]
-        self._counts[n] = dict(top)
-        for k in range(1, n):
-            cont: dict[tuple[str, ...], Counter[str]] = defaultdict(Counter)
-            for gram in seen[k]:  # gram = (v, h..., w): one distinct left word v of h w
-                cont[gram[1:-1]][gram[-1]] += 1
-            self._counts[k] = dict(cont)
-        self._totals = [{h: (sum(c.values()), len(c)) for h, c in level.items()} for level in self._counts]
-        return self
-
-    def prob(self, word: str, context: Sentence = ()) -> float:
-        """p(word | context); `context` is the preceding tokens (left-padded with "<s>" if short)."""
-        if not self._counts:
-            raise ValueError("KneserNeyLM must be fit before use")
-        word = word if word in self.vocabulary else UNK
-        ctx = [t if t in self.vocabulary or t == BOS else UNK for t in context]
-        ctx = ([BOS] * (self.order - 1) + ctx)[len(ctx) :]  # the last order-1 tokens
-        return self._prob(word, tuple(ctx))
-
-    def _prob(self, word: str, history: tuple[str, ...]) -> float:
-        p = 1.0 / len(self.vocabulary)  # p_0: uniform over V
-        d = self.discount
-        for k in range(1, self.order + 1):  # p_k from p_{k-1}, history of length k-1
-            h = history[len(history) - k + 1 :]  # the last k-1 tokens
-            total, types = self._totals[k].get(h, (0, 0))
-            if total == 0:
-                continue  # unseen history: all mass to the lower order
-            count = self._counts[k][h].get(word, 0)
-            p = max(count - d, 0.0) / total + d * types / total * p
-        return p
-
-    def log_prob(self, sentence: Sentence) -> float:
-        """Natural-log probability of `sentence`, including its end token "</s>"."""
-        if not self._counts:
-            raise ValueError("KneserNeyLM must be fit before use")
-        padded = self._pad(sentence)
-        n = self.order
-        return sum(math.log(self._prob(padded[i], tuple(padded[i - n + 1 : i]))) for i in range(n - 1, len(padded)))
-
-    def perplexity(self, sentences: Sequence[Sentence]) -> float:
-        """exp(-sum log p / N), N = number of predicted tokens (words plus one "</s>" each)."""
-        _check_corpus(sentences, "sentences")
-        total = sum(self.log_prob(s) for s in sentences)
-        count = sum(len(s) + 1 for s in sentences)
-        return math.exp(-total / count)
+    text, mrs = text_data(run.cfg, "held_out")
+    text, mrs = text[:n], (mrs or [])[:n]
+    vocab = run.cfg.extra.get("mr_vocab") or []
+    if conditional and not vocab:
+        raise ValueError("this text model is unconditional: bits/token given the MR needs an E2E-conditioned model")
+    ids = run.tokenizer.encode_batch(text, run.seq_len)
+    cond = encode_mrs(mrs, vocab) if conditional else None
+    steps = None if steps is None else min(steps, run.schedule.T - 1)
+    bits, tokens = [], []
+    for start in range(0, len(ids), batch_size):
+        rows = slice(start, start + batch_size)
+        g = torch.Generator().manual_seed(seed + start)
+        e = text_elbo(
+            x0_network(run), run.model.embedding, ids[rows], run.schedule,
+            None if cond is None else cond[rows], steps=steps, generator=g,
+        )  # fmt: skip
+        bits.append(e.nats.double() / math.log(2))
+        tokens.append((ids[rows] != run.tokenizer.pad_id).sum(1).double())
+    b, k = torch.cat(bits), torch.cat(tokens)
+    ratio = (b.sum() / k.sum()).item()
+    n_seq = len(b)
+    if n_seq < 2:
+        return ratio, float("nan")
+    stderr = ((b - ratio * k).square().sum() * n_seq / (n_seq - 1)).sqrt() / k.sum()
+    return ratio, stderr.item()
 
 
-def distinct_n(sentences: Sequence[Sentence], n: int) -> float:
-    """Distinct-n (Li et al. 2016): number of distinct n-grams / total n-grams over all sentences.
+def evaluate_text(
+    run: TextRun,
+    *,
+    n: int = 200,
+    sampler: str = "dpmpp_2m_sde",
+    nfe: int = 50,
+    guidance: float = 1.0,
+    mrs: int = 50,
+    seed: int = 0,
+) -> dict[str, float]:
+    """The text issue's figures for a run: :func:`fluency` of ``n`` unconditional samples (with the
+    ratios the goals are stated in), and, for runs conditioned on E2E meaning representations,
+    corpus BLEU of data-to-text on up to ``mrs`` held-out MRs (one sentence each, scored against
+    all the references of that MR; MRs with an item the model never saw are skipped)."""
+    scores = fluency(run, sample_text(run, n=n, sampler=sampler, nfe=nfe, seed=seed))
+    scores["ppl_ratio"] = scores["ppl_generated"] / scores["ppl_held_out"]
+    scores["distinct2_ratio"] = scores["distinct2_generated"] / scores["distinct2_held_out"]
+    vocab = set(run.cfg.extra.get("mr_vocab") or [])
+    if not vocab:
+        return scores
+    texts, held_mrs = text_data(run.cfg, "held_out")
+    references: dict[str, list[list[str]]] = {}
+    for text, mr in zip(texts, held_mrs or [], strict=True):
+        if set(mr_tokens(mr)) <= vocab:
+            references.setdefault(", ".join(f"{k}[{v}]" for k, v in mr.items()), []).append(tokenize(text))
+    chosen = sorted(references)[:mrs]
+    if chosen:
+        hypotheses = [
+            tokenize(sample_text(run, n=1, sampler=sampler, nfe=nfe, mr=mr, guidance=guidance, seed=seed + i)[0])
+            or ["<unk>"]  # an empty sentence still counts, with no matches
+            for i, mr in enumerate(chosen)
+        ]
+        scores["bleu"] = bleu(hypotheses, [references[mr] for mr in chosen])
+        scores["bleu_mrs"] = float(len(chosen))
+    return scores
 
-    N-grams do not cross sentence boundaries. Returns 0.0 when no sentence has n tokens.
-    """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    _check_corpus(sentences, "sentences")
-    grams = [g for s in sentences for g in _ngrams(s, n)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
-
-def bleu(
-    hypotheses: Sequence[Sentence],
-    references_list: Sequence[Sequence[Sentence]],
-    max_n: int = 4,
-) -> float:
-    """Corpus BLEU (Papineni et al. 2002, sec. 2.3), uniform weights 1/max_n, no smoothing.
-
-        BLEU = BP * exp(sum_{n=1}^{N} (1/N) log p_n),  BP = min(1, exp(1 - r / c)),
-
-    p_n = sum over hypotheses of clipped n-gram matches / sum of hypothesis n-gram counts, where a
-    match of an n-gram is clipped to its largest count in any one reference; c is the total
-    hypothesis length and r the sum of the reference lengths closest to each hypothesis length
-    (ties go to the shorter reference). Returns 0.0 when any p_n is 0 (no smoothing).
-
-    On tokenized input this equals `nltk.translate.bleu_score.corpus_bleu` with default weights
-    whenever each hypothesis has at least `max_n` tokens; NLTK counts at least one n-gram per
-    hypothesis in the denominator of p_n, which differs from the paper for shorter hypotheses.
-    """
-    if not isinstance(max_n, int) or max_n < 1:
-        raise ValueError(f"max_n must be an integer >= 1, got {max_n!r}")
-    _check_corpus(hypotheses, "hypotheses")
-    if len(references_list) != len(hypotheses):
-        raise ValueError(
-            f"references_list must hold one list of references per hypothesis: got "
-            f"{len(references_list)} for {len(hypotheses)} hypotheses"
+def evaluate_lines(
+    run: TextRun,
+    *,
+    bpd: bool = False,
+    n: int | None = None,
+    sampler: str,
+    nfe: int,
+    guidance: float = 1.0,
+    seed: int = 0,
+) -> list[str]:
+    """`unnoise eval` on a text run, as lines: held-out bits/token with ``bpd``; otherwise the
+    fluency of ``n`` samples against held-out sentences and, for MR-conditioned runs, BLEU."""
+    n = n or 200
+    if bpd:
+        if run.cfg.objective != "ddpm":
+            raise ValueError(f"--bpd is the discrete-time (DDPM) bound; this run's objective is {run.cfg.objective!r}")
+        bits, se = bits_per_token(run, n=n, seed=seed)
+        lines = [f"held-out negative ELBO on {n} sentences: {bits:.3f} +- {se:.3f} bits/token"]
+        if run.cfg.extra.get("mr_vocab"):
+            bits, se = bits_per_token(run, n=n, seed=seed, conditional=True)
+            lines.append(f"  given each sentence's meaning representation: {bits:.3f} +- {se:.3f} bits/token")
+        return lines
+    s = evaluate_text(run, n=n, sampler=sampler, nfe=nfe, guidance=guidance, seed=seed)
+    ppl = f"{s['ppl_generated']:.1f} vs {s['ppl_held_out']:.1f} (ratio {s['ppl_ratio']:.2f})"
+    distinct = f"{s['distinct2_generated']:.3f} vs {s['distinct2_held_out']:.3f} (ratio {s['distinct2_ratio']:.2f})"
+    lines = [
+        f"{n} generated sentences ({sampler}, {nfe} NFE) against the held-out real ones:",
+        f"  Kneser-Ney trigram perplexity: {ppl}",
+        f"  distinct-2: {distinct}",
+    ]
+    if "bleu" in s:
+        lines.append(
+            f"  data-to-text BLEU on {s['bleu_mrs']:.0f} held-out MRs (guidance {guidance:g}): {s['bleu']:.4f}"
         )
-    for refs in references_list:
-        _check_corpus(refs, "each entry of references_list")
-    matches, totals = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, refs in zip(hypotheses, references_list, strict=True):
-        hyp_len += len(hyp)
-        ref_len += min((len(r) for r in refs), key=lambda r: (abs(r - len(hyp)), r))
-        for n in range(1, max_n + 1):
-            counts = Counter(_ngrams(hyp, n))
-            max_ref: Counter[tuple[str, ...]] = Counter()
-            for r in refs:
-                max_ref |= Counter(_ngrams(r, n))  # | keeps the per-n-gram maximum
-            matches[n - 1] += sum(min(c, max_ref[g]) for g, c in counts.items())
-            totals[n - 1] += sum(counts.values())
-    if hyp_len == 0 or min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals, strict=True)) / max_n
-    brevity = 1.0 if hyp_len > ref_len else math.exp(1.0 - ref_len / hyp_len)
-    return brevity * math.exp(log_precision)
+    return lines
