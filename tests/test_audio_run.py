@@ -23,7 +23,7 @@ def run(tmp_path_factory):
 
 
 def test_sample_writes_wavs_and_spectrograms(run, tmp_path):
-    from unnoise.modalities.audio.data import read_wav
+    from unnoise.modalities.audio.wav import read_wav
 
     argv = ["sample", "audio", "--run", str(run), "--n", "3", "--nfe", "3", "--guidance", "2", "--out"]
     assert main([*argv, str(tmp_path / "clips")]) == 0
@@ -59,16 +59,18 @@ def test_eval_prints_accuracy_distance_and_real_time_factor(run, capsys, monkeyp
     """The plumbing, with an untrained judge (the trained one is tested in test_audio_metrics.py)."""
     import torch
 
-    from unnoise.modalities.audio import metrics as audio_metrics
+    from unnoise.modalities.audio import classifier as audio_classifier
 
     torch.manual_seed(0)
-    judge = audio_metrics.DigitClassifier(audio_metrics.DigitClassifierConfig.for_rate(8000)).eval()
-    monkeypatch.setattr(audio_metrics, "digit_classifier", lambda *a, **k: judge)
+    judge = audio_classifier.DigitClassifier(audio_classifier.DigitClassifierConfig.for_rate(8000)).eval()
+    monkeypatch.setattr(audio_classifier, "digit_classifier", lambda *a, **k: judge)
     assert main(["eval", "--run", str(run), "--n", "10", "--nfe", "2"]) == 0
     out = capsys.readouterr().out
     assert "digit accuracy of class-conditional samples" in out and "10 clips, unipc, 2 NFE" in out
     assert "Frechet distance" in out and "real-time factor" in out
-    one_line_exit_2(main, ["eval", "--run", str(run), "--bpd"], capsys, "--bpd and --fid apply to image runs")
+    one_line_exit_2(
+        main, ["eval", "--run", str(run), "--bpd"], capsys, "audio runs take --n, --guidance, --grid (eval); not --bpd"
+    )
     one_line_exit_2(main, ["eval", "--run", str(run), "--grid", "spiral"], capsys, "unknown grid 'spiral'")
 
 

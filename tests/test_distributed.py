@@ -19,8 +19,10 @@ from unnoise.modalities.image.data import load_images, to_model
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.training import distributed
 from unnoise.training.checkpoint import latest_checkpoint
+from unnoise.training.config import TrainConfig
 from unnoise.training.distributed import Draws, Shard
-from unnoise.training.loop import TrainConfig, diffusion_objective, train
+from unnoise.training.loop import train
+from unnoise.training.objectives import Encoded, make_objective
 
 
 def test_rows_split_a_global_batch_in_rank_order():
@@ -109,7 +111,7 @@ def _train_float64(run: Path, steps: int, batch: int, resume: bool = False, stop
     cfg = _config(steps, batch)
     stop = None if stop_at is None else (lambda step: step >= stop_at)
     x0 = to_model(digits.images[:96]).double()
-    objective = diffusion_objective(cfg, null_label=10)
+    objective = make_objective(cfg, lambda model, x: Encoded(x, model), torch.tensor(10))
     ema = train(cfg, run, net, x0, digits.labels[:96], loss_fn=objective, resume=resume, progress=False, stop=stop)
     # Every rank holds the same weights and EMA (rank 0's are the ones checkpointed).
     mine = torch.cat([p.detach().flatten() for m in (net, ema) for p in m.parameters()])
@@ -152,7 +154,9 @@ def _weights_at_start() -> dict[str, torch.Tensor]:
 
 
 def _sample_and_score(run: Path, out: Path) -> None:
-    from unnoise.modalities.image.pipeline import eval_bpd, load_run, sample_images_sharded
+    from unnoise.modalities.image.metrics import eval_bpd
+    from unnoise.modalities.image.pipeline import sample_images_sharded
+    from unnoise.modalities.run import load_run
 
     loaded = load_run(run)
     images, labels = sample_images_sharded(loaded, n=11, batch_size=4, sampler="dpmpp_2m_sde", nfe=6, seed=7)
@@ -163,10 +167,10 @@ def _sample_and_score(run: Path, out: Path) -> None:
 
 @pytest.mark.slow
 def test_sharded_sampling_and_bits_per_dim_do_not_depend_on_the_number_of_processes(tmp_path):
-    from unnoise.modalities.image.pipeline import train_images
+    from unnoise.modalities.run import train
 
     cfg = TrainConfig(data="digits", model="tiny", T=40, steps=3, batch_size=16, save_every=3)
-    train_images(cfg, tmp_path / "run", progress=False)
+    train("image", cfg, tmp_path / "run", progress=False)
     for world in (1, 2, 3):
         spawn(world, _sample_and_score, tmp_path / "run", tmp_path / f"w{world}.npz")
     results = [np.load(tmp_path / f"w{world}.npz") for world in (1, 2, 3)]

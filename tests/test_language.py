@@ -6,7 +6,8 @@ import pytest
 from conftest import one_line_exit_2
 
 from unnoise.cli.main import main
-from unnoise.modalities.text.pipeline import fluency, load_text_run, parse_template, sample_text
+from unnoise.modalities.text.metrics import fluency
+from unnoise.modalities.text.pipeline import load_text_run, parse_template, sample_text
 
 
 @pytest.fixture(scope="module")
@@ -122,4 +123,8 @@ def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "run"), "--bpd", "--n", "6"]) == 0
     out = capsys.readouterr().out
     assert "bits/token" in out and "given each sentence's meaning representation" in out
-    _one_line_exit_2(["eval", "--run", str(tmp_path / "run"), "--fid", "10"], capsys, "do not apply to text runs")
+    _one_line_exit_2(
+        ["eval", "--run", str(tmp_path / "run"), "--fid", "10"],
+        capsys,
+        "text runs take --bpd, --n, --guidance (eval); not --fid",
+    )

@@ -7,19 +7,16 @@ import pytest
 import torch
 
 from unnoise.guidance import classifier_guidance
-from unnoise.modalities.text.control import (
+from unnoise.modalities.text.attribute_classifier import (
     AttributeClassifier,
     ClassifierConfig,
-    Judge,
-    control_log_prob,
-    control_success,
-    controlled,
     field_values,
     load_classifier,
-    mentions,
     save_classifier,
     train_classifier,
 )
+from unnoise.modalities.text.control import control_log_prob, controlled
+from unnoise.modalities.text.control_metrics import Judge, control_success, mentions
 from unnoise.modalities.text.diffusion_lm import WordEmbedding
 from unnoise.schedules import DiscreteSchedule
 
@@ -267,13 +264,15 @@ def small_e2e(tmp_path, monkeypatch):
 
 
 def test_end_to_end_on_e2e(tmp_path, small_e2e):
-    from unnoise.modalities.text.control import sample_controlled, train_control, train_judge
-    from unnoise.modalities.text.pipeline import load_text_run, sample_text, train_text
-    from unnoise.training.loop import TrainConfig
+    from unnoise.modalities.run import make_config, train
+    from unnoise.modalities.text.attribute_classifier import train_control
+    from unnoise.modalities.text.control import sample_controlled
+    from unnoise.modalities.text.control_metrics import train_judge
+    from unnoise.modalities.text.pipeline import load_text_run, sample_text
 
-    cfg = TrainConfig(data="e2e", model="tiny", T=50, steps=3, batch_size=8, conditional=False, log_every=1,
-                      extra={"embed_dim": 8, "seq_len": 24})  # fmt: skip
-    train_text(cfg, tmp_path / "run", progress=False)
+    cfg = make_config("text", dict(data="e2e", model="tiny", T=50, steps=3, batch_size=8, conditional=False, log_every=1,
+                      extra={"embed_dim": 8, "seq_len": 24}))  # fmt: skip
+    train("text", cfg, tmp_path / "run", progress=False)
     clf = train_control(tmp_path / "run", steps=5, width=16, depth=1)
     meta = json.loads((tmp_path / "run" / "control" / "meta.json").read_text())
     assert set(meta["metrics"]["held_out_accuracy_sigma_min"]) == set(clf.fields)
@@ -296,13 +295,14 @@ def test_end_to_end_on_e2e(tmp_path, small_e2e):
 def test_control_with_guidance_on_the_partial_mr(tmp_path, small_e2e):
     """On an MR-conditional run, guidance=g samples from the model given the control as a partial MR
     (classifier-free guided), and the classifier steers that."""
-    from unnoise.modalities.text.control import sample_controlled, train_control
-    from unnoise.modalities.text.pipeline import load_text_run, sample_text, train_text
-    from unnoise.training.loop import TrainConfig
+    from unnoise.modalities.run import make_config, train
+    from unnoise.modalities.text.attribute_classifier import train_control
+    from unnoise.modalities.text.control import sample_controlled
+    from unnoise.modalities.text.pipeline import load_text_run, sample_text
 
-    cfg = TrainConfig(data="e2e", model="tiny", T=50, steps=3, batch_size=8, log_every=1,
-                      extra={"embed_dim": 8, "seq_len": 24})  # fmt: skip
-    train_text(cfg, tmp_path / "run", progress=False)
+    cfg = make_config("text", dict(data="e2e", model="tiny", T=50, steps=3, batch_size=8, log_every=1,
+                      extra={"embed_dim": 8, "seq_len": 24}))  # fmt: skip
+    train("text", cfg, tmp_path / "run", progress=False)
     clf = train_control(tmp_path / "run", steps=5, width=16, depth=1)
     run = load_text_run(tmp_path / "run")
     food = clf.config.fields["food"][0]
@@ -313,11 +313,12 @@ def test_control_with_guidance_on_the_partial_mr(tmp_path, small_e2e):
 
 
 def test_control_needs_an_e2e_run(tmp_path):
-    from unnoise.modalities.text.control import train_control
-    from unnoise.modalities.text.pipeline import train_text
-    from unnoise.training.loop import TrainConfig
+    from unnoise.modalities.run import make_config, train
+    from unnoise.modalities.text.attribute_classifier import train_control
 
-    cfg = TrainConfig(data="tiny", model="tiny", T=20, steps=1, batch_size=4, log_every=1, extra={"embed_dim": 4})
-    train_text(cfg, tmp_path / "run", progress=False)
+    cfg = make_config(
+        "text", dict(data="tiny", model="tiny", T=20, steps=1, batch_size=4, log_every=1, extra={"embed_dim": 4})
+    )
+    train("text", cfg, tmp_path / "run", progress=False)
     with pytest.raises(ValueError, match="attribute control needs MRs"):
         train_control(tmp_path / "run", steps=1)

@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
-from unnoise.modalities.image.pipeline import train_images
+from unnoise.modalities.run import train
 from unnoise.training import distributed
 from unnoise.training.checkpoint import latest_checkpoint, read_safetensors
-from unnoise.training.loop import Batches, CPUBudget, TrainConfig, TrainState, ema_decay, learning_rate
+from unnoise.training.config import TrainConfig
+from unnoise.training.loop import Batches, CPUBudget, TrainState, ema_decay, learning_rate
 
 
 def tiny(**kw) -> TrainConfig:
@@ -23,7 +24,7 @@ def tiny(**kw) -> TrainConfig:
 def test_config_is_checked():
     with pytest.raises(ValueError, match="steps must be >= 1"):
         TrainConfig(steps=0)
-    with pytest.raises(ValueError, match="unknown loss 'l1'; allowed: simple, hybrid, min_snr"):
+    with pytest.raises(ValueError, match="unknown loss 'l1'; allowed: simple, hybrid, vlb, min_snr"):
         TrainConfig(loss="l1")
     with pytest.raises(ValueError, match=r"p_uncond must lie in \[0, 1\)"):
         TrainConfig(p_uncond=1.0)
@@ -65,7 +66,7 @@ def test_batches_are_a_function_of_seed_epoch_and_position():
 
 
 def test_training_writes_log_checkpoints_and_samples(tmp_path):
-    train_images(tiny(), tmp_path, progress=False)
+    train("image", tiny(), tmp_path, progress=False)
     lines = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4, 6] and all(r["loss"] > 0 for r in lines)
     assert latest_checkpoint(tmp_path).name == "step_00000006"
@@ -81,9 +82,9 @@ def test_training_writes_log_checkpoints_and_samples(tmp_path):
 )
 def test_resume_continues_exactly(tmp_path, settings):
     straight, resumed = tmp_path / "a", tmp_path / "b"
-    train_images(tiny(**settings), straight, progress=False)
-    train_images(tiny(steps=3, **settings), resumed, progress=False)
-    train_images(tiny(**settings), resumed, resume=True, progress=False)
+    train("image", tiny(**settings), straight, progress=False)
+    train("image", tiny(steps=3, **settings), resumed, progress=False)
+    train("image", tiny(**settings), resumed, resume=True, progress=False)
     for name in ("model", "ema"):
         a = read_safetensors(latest_checkpoint(straight) / f"{name}.safetensors")
         b = read_safetensors(latest_checkpoint(resumed) / f"{name}.safetensors")
@@ -92,7 +93,7 @@ def test_resume_continues_exactly(tmp_path, settings):
 
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        train_images(tiny(), tmp_path, resume=True, progress=False)
+        train("image", tiny(), tmp_path, resume=True, progress=False)
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
+"""``python -m unnoise``: the command line (:mod:`unnoise.cli`)."""
+
 import sys
 
-from unnoise.cli.main import main
+from unnoise.cli import main
 
 sys.exit(main())

@@ -72,7 +72,7 @@ def _train(args: argparse.Namespace) -> None:
     from unnoise.modalities.run import make_config, train
 
     if args.modality == "control":
-        from unnoise.modalities.text.control import train_control
+        from unnoise.modalities.text.attribute_classifier import train_control
 
         train_control(args.out, steps=args.steps or 2000, seed=args.seed or 0)
         _say(f"trained the attribute classifier; wrote {args.out / 'control'}")
@@ -135,12 +135,16 @@ def _options(args: argparse.Namespace, names: tuple[str, ...], defaults: dict[st
     return {k: getattr(args, k) for k in names if getattr(args, k) != defaults.get(k)}
 
 
-def _check_options(run, given: dict[str, Any], accepted: frozenset[str], command: str) -> None:
-    refused = sorted(set(given) - accepted)
+def _flag(name: str) -> str:
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def _check_options(run, given: dict[str, Any], accepted: tuple[str, ...], command: str) -> None:
+    """One line naming the options the run's modality does not take for ``command``, and those it does."""
+    refused = [k for k in given if k not in accepted]
     if refused:
-        takes = ", ".join(FLAGS.get(k, "--" + k.replace("_", "-")) for k in sorted(accepted)) or "no other options"
-        said = ", ".join(FLAGS.get(k, "--" + k.replace("_", "-")) for k in refused)
-        raise ValueError(f"{run.name} runs do not take {said} for {command}; they take {takes}")
+        takes = ", ".join(_flag(k) for k in accepted) or "no options"
+        raise ValueError(f"{run.name} runs take {takes} ({command}); not {', '.join(_flag(k) for k in refused)}")
 
 
 def _check_eta(sampler: str, eta: float | None) -> None:

@@ -45,8 +45,8 @@ class Modality(Protocol):
     defaults: Mapping[str, Any]  # training settings it starts from (flags and --config win)
     ddpm_defaults: Mapping[str, Any]  # ... and those under objective="ddpm" (its schedule, T, prediction)
     default_sampler: str
-    sample_options: frozenset[str]  # the `unnoise sample` options it takes besides sampler, nfe, n, seed, out
-    eval_options: frozenset[str]  # the `unnoise eval` options it takes besides sampler, nfe, seed
+    sample_options: tuple[str, ...]  # the `unnoise sample` options it takes besides sampler, nfe, n, seed, out
+    eval_options: tuple[str, ...]  # the `unnoise eval` options it takes besides sampler, nfe, seed
     sharded: bool  # whether sample/eval deal their work to the processes of a torchrun group
     run_type: type  # the Run subclass a loaded run is (with the modality's conveniences)
 

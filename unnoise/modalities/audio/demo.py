@@ -52,9 +52,9 @@ def run_audio_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dic
     for wave, label in zip(waves, labels.tolist(), strict=True):
         save_wav(out / f"digit_{label}.wav", wave, run.sample_rate)
     save_spectrogram_grid(out / "spectrograms.png", waves, run.sample_rate)
-    from unnoise.modalities.audio import metrics as audio_metrics
+    from unnoise.modalities.audio import classifier as audio_classifier
 
-    judge = audio_metrics.digit_classifier(run.sample_rate, run.samples / run.sample_rate)
+    judge = audio_classifier.digit_classifier(run.sample_rate, run.samples / run.sample_rate)
     with torch.no_grad():
         heard = judge(waves).argmax(1).tolist()
     accuracy = sum(h == y for h, y in zip(heard, labels.tolist(), strict=True)) / len(heard)

@@ -39,8 +39,8 @@ class AudioModality:
     defaults: dict[str, Any] = {"data": "spoken-digits", "model": "small", "ema_decay": 0.995}
     ddpm_defaults: dict[str, Any] = {"schedule": "diffwave", "T": 200}
     default_sampler = "unipc"
-    sample_options = frozenset({"class_id", "guidance", "grid", "eta"})
-    eval_options = frozenset({"n", "guidance", "grid"})
+    sample_options = ("class_id", "guidance", "grid", "eta")
+    eval_options = ("n", "guidance", "grid")
     sharded = False  # sample/eval dealt to the processes of a torchrun group
     run_type = AudioRun
 

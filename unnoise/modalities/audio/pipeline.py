@@ -10,8 +10,6 @@ peak-normalised waveforms in [-1, 1]; samples leave as such, (N, samples).
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,40 +17,26 @@ import torch
 from torch import Tensor, nn
 
 from unnoise.denoisers import clipped
-from unnoise.modalities.audio.data import AudioDataset, load_wav_folder, make_spoken_digits
+from unnoise.modalities.audio.data import AudioDataset, load_wav_folder, split_clips, spoken_digits_folder
 from unnoise.modalities.run import Run, load_run
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
 from unnoise.sampling.front import sample as run_sampler
 from unnoise.sampling.front import start_sigma
-from unnoise.training import distributed
 from unnoise.training.config import TrainConfig
 
 
 def audio_dataset(cfg: TrainConfig, split: str = "train") -> AudioDataset:
-    """The run's clips: "spoken-digits" (synthesised once into ``cfg.extra["cache"]``) or a folder.
-
-    Split 90/10 by a fixed permutation.
-    """
+    """The run's clips: "spoken-digits" (synthesised once into ``cfg.extra["cache"]``) or a folder,
+    split 90/10 by a fixed permutation (:func:`unnoise.modalities.audio.data.split_clips`)."""
     rate, seconds = int(cfg.extra.get("sample_rate", 8000)), float(cfg.extra.get("seconds", 1.0))
     if cfg.data == "spoken-digits":
-        folder = Path(cfg.extra.get("cache", Path.home() / ".cache" / "unnoise" / "spoken-digits"))
-        if distributed.current().main and not any(folder.glob("*/*.wav")):
-            # Built beside, then renamed: an interrupted build never looks complete.
-            partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
-            make_spoken_digits(partial)
-            shutil.rmtree(folder, ignore_errors=True)
-            partial.rename(folder)
-        distributed.barrier()  # the other processes of a torchrun group wait for rank 0's build
+        folder = spoken_digits_folder(cfg.extra.get("cache"))
     elif Path(cfg.data).is_dir():
         folder = Path(cfg.data)
     else:
         raise ValueError(f"unknown audio data {cfg.data!r}; allowed: spoken-digits, or a folder of WAV files")
-    data = load_wav_folder(folder, sample_rate=rate, seconds=seconds)
-    order = torch.randperm(len(data.waves), generator=torch.Generator().manual_seed(1234))
-    cut = int(0.9 * len(order))
-    idx = order[:cut] if split == "train" else order[cut:]
-    return AudioDataset(data.waves[idx], data.labels[idx], data.class_names, data.sample_rate)
+    return split_clips(load_wav_folder(folder, sample_rate=rate, seconds=seconds), split)
 
 
 ARCHS: tuple[str, ...] = ("diffwave", "unet")
@@ -172,6 +156,7 @@ def evaluate_audio(
     ``fd`` (Frechet distance between classifier features of the generated and the held-out real
     clips) and ``rtf`` (wall-clock seconds of generation per second of audio, on this machine).
     """
+    from unnoise.modalities.audio import classifier as audio_classifier
     from unnoise.modalities.audio import metrics as audio_metrics
 
     names = run.cfg.extra.get("class_names") or []
@@ -182,7 +167,7 @@ def evaluate_audio(
     sampling = dict(sampler=sampler, nfe=nfe, guidance=guidance, seed=seed, grid=grid, bf16=bf16)
     waves, labels = sample_audio(run, n=n, **sampling)
     seconds = time.perf_counter() - start
-    judge = classifier or audio_metrics.digit_classifier(run.sample_rate, clip_seconds)
+    judge = classifier or audio_classifier.digit_classifier(run.sample_rate, clip_seconds)
     real = audio_dataset(run.cfg, "test")
     scores = {
         "rtf": audio_metrics.real_time_factor(seconds, n, clip_seconds),

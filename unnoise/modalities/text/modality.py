@@ -21,6 +21,7 @@ from unnoise.modalities.text.control import sample_controlled
 from unnoise.modalities.text.data import E2E_ATTRIBUTES, Tokenizer, tokenize
 from unnoise.modalities.text.demo import run_text_demo
 from unnoise.modalities.text.io import save_sentences
+from unnoise.modalities.text.metrics import evaluate_lines
 from unnoise.modalities.text.pipeline import DiffusionLM, TextRun, encode_mrs, mr_tokens, sample_text, text_data
 from unnoise.nets.transformer import TransformerConfig
 from unnoise.training.config import TrainConfig
@@ -54,8 +55,8 @@ class TextModality:
     defaults: dict[str, Any] = {"data": "tiny", "model": "small", "lr": 5e-4}
     ddpm_defaults: dict[str, Any] = {"schedule": "sqrt", "prediction": "x0"}  # Diffusion-LM's choices
     default_sampler = "dpmpp_2m_sde"
-    sample_options = frozenset({"template", "mr", "guidance", "control", "control_scale", "eta", "grid"})
-    eval_options = frozenset({"bpd", "n", "guidance"})
+    sample_options = ("template", "mr", "guidance", "control", "control_scale", "eta", "grid")
+    eval_options = ("bpd", "n", "guidance")
     sharded = False  # sample/eval dealt to the processes of a torchrun group
     run_type = TextRun
 
@@ -111,9 +112,9 @@ class TextModality:
     def preview(self, run_dir: Path, cfg: TrainConfig, model: DiffusionLM, step: int) -> None:
         pass
 
-    def sample(self, run: TextRun, *, control: list[str] | None = None, control_scale: float = 3.0, **options):
+    def sample(self, run: TextRun, *, control: list[str] | None = None, control_scale: float | None = None, **options):
         if control:
-            return sample_with_control(run, control, control_scale, **options)
+            return sample_with_control(run, control, 3.0 if control_scale is None else control_scale, **options)
         return sample_text(run, **options)
 
     def write(self, run: TextRun, samples: list[str], out: Path, **options) -> list[Path]:
@@ -121,12 +122,9 @@ class TextModality:
         return [save_sentences(out, samples)]
 
     def evaluate(self, run: TextRun, **options) -> list[str]:
-        from unnoise.modalities.text.metrics import evaluate_lines
-
         return evaluate_lines(run, **options)
 
     def demo(self, out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
-
         return run_text_demo(out, steps=steps, seed=seed)
 
 

@@ -32,8 +32,8 @@ class ToyModality:
     defaults: dict[str, Any] = {"data": "ring", "model": "small", "batch_size": 512, "lr": 2e-3}
     ddpm_defaults: dict[str, Any] = {"schedule": "linear"}
     default_sampler = "dpmpp_2m"
-    sample_options = frozenset({"eta", "grid"})
-    eval_options = frozenset({"n"})
+    sample_options = ("eta", "grid")
+    eval_options = ("n",)
     sharded = False  # sample/eval dealt to the processes of a torchrun group
     run_type = Run
 
