@@ -1,11 +1,11 @@
 """Class-conditional spoken digits on CPU: train a waveform network for a CPU budget, then judge its clips.
 
-Trains ``unnoise.modalities.audio.pipeline.train_audio`` on the synthesised spoken digits (8 kHz, 1 s clips; 90% of
-690 clips) with the waveform U-Net (``--arch unet``, the default) or a DiffWave (``--arch diffwave``)
-for ``--minutes`` of the whole machine (process CPU seconds = minutes x 60 x cores,
-so other load on the machine does not shorten it), then, for a few samplers, NFE and guidance
+Trains an audio run (``unnoise.modalities.run.train("audio", ...)``) on the synthesised spoken
+digits (8 kHz, 1 s clips; 90% of 690 clips) with the waveform U-Net (``--arch unet``, the default)
+or a DiffWave (``--arch diffwave``) for ``--minutes`` of the whole machine (process CPU seconds =
+minutes x 60 x cores, so other load on the machine does not shorten it), then, for a few samplers, NFE and guidance
 scales, draws 10 clips per digit and prints DiffWave's SC09 figures scaled down: the accuracy of
-the spoken-digit classifier (``unnoise.modalities.audio.metrics``) on them, the Frechet distance between
+the spoken-digit classifier (``unnoise.modalities.audio.classifier``) on them, the Frechet distance between
 its features of generated and held-out real clips, and the real-time factor of generation on
 this machine. Reference rows: the classifier on the held-out real clips, and the distance
 between two real sets (held-out vs training).
@@ -56,35 +56,40 @@ def main() -> None:
     args = parser.parse_args()
 
     from unnoise.modalities.audio import metrics as audio_metrics
-    from unnoise.modalities.audio.pipeline import audio_dataset, evaluate_audio, load_audio_run, train_audio
-    from unnoise.training.loop import CPUBudget, TrainConfig
+    from unnoise.modalities.audio.classifier import digit_classifier
+    from unnoise.modalities.audio.pipeline import audio_dataset, evaluate_audio, load_audio_run
+    from unnoise.modalities.run import make_config, train
+    from unnoise.training.loop import CPUBudget
 
     out = Path(args.out)
     run_dir = out / "run"
     if not (run_dir / "done.json").exists():
-        cfg = TrainConfig(
-            data="spoken-digits",
-            model=args.model,
-            schedule=args.schedule,
-            T=args.T,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup=200,
-            steps=10**7,
-            save_every=500,
-            log_every=50,
-            ema_decay=0.995,  # a short run: average its last few hundred steps, not the early ones
-            bf16=not args.fp32,
-            extra={"arch": args.arch, "net": json.loads(args.net) if args.net else NETS[args.arch]},
+        cfg = make_config(
+            "audio",
+            {
+                "data": "spoken-digits",
+                "model": args.model,
+                "schedule": args.schedule,
+                "T": args.T,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "warmup": 200,
+                "steps": 10**7,
+                "save_every": 500,
+                "log_every": 50,
+                "ema_decay": 0.995,  # a short run: average its last few hundred steps, not the early ones
+                "bf16": not args.fp32,
+                "extra": {"arch": args.arch, "net": json.loads(args.net) if args.net else NETS[args.arch]},
+            },
         )
         budget = CPUBudget(args.minutes)
-        train_audio(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget)
+        train("audio", cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget)
         record = budget.used()
         record["steps"] = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
         (run_dir / "done.json").write_text(json.dumps(record))
     record = json.loads((run_dir / "done.json").read_text())
     run = load_audio_run(run_dir)
-    judge = audio_metrics.digit_classifier(run.sample_rate, run.samples / run.sample_rate)
+    judge = digit_classifier(run.sample_rate, run.samples / run.sample_rate)
     test, train = audio_dataset(run.cfg, "test"), audio_dataset(run.cfg, "train")
     print(
         f"\ntrained {record['steps']} steps (batch {run.cfg.batch_size}) in {record['cpu_s']:.0f} CPU s "

