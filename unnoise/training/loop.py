@@ -29,7 +29,6 @@ from unnoise.training.checkpoint import latest_checkpoint, load_checkpoint, save
 from unnoise.training.config import TrainConfig
 from unnoise.training.distributed import Draws
 
-Forward = Callable[[nn.Module, Tensor, Tensor, Tensor | None], Tensor]  # (net, x_t, t, labels) -> output
 Objective = Callable[[nn.Module, Tensor, Tensor, Draws], Tensor]  # (net, x0, labels, draws) -> loss
 
 
