@@ -316,13 +316,3 @@ def bf16_autocast(net: Callable[..., Tensor]) -> Callable[..., Tensor]:
         return out.to(x.dtype)
 
     return run
-
-
-def labelled(net: Callable[..., Tensor], schedule: DiscreteSchedule, *, prediction: Prediction = "eps"):
-    """A discrete-time network ``net(x_t, t, labels)`` as a conditional denoiser ``D(x, sigma, labels)``,
-    the form :func:`unnoise.guidance.classifier_free` takes; labels pass through unchanged."""
-
-    def denoise(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
-        return from_discrete(lambda x_t, t: net(x_t, t, labels), schedule, prediction=prediction)(x, sigma)
-
-    return denoise

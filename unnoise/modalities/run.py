@@ -61,6 +61,8 @@ def train(
     torch.manual_seed(cfg.seed)
     cfg.extra["modality"] = modality.name
     data = modality.training_data(cfg)
+    if data.cond is None:  # unlabelled data, or --unconditional: no condition to drop, none recorded
+        cfg.conditional, cfg.p_uncond = False, 0.0
     model = modality.build(cfg, data)
     if cfg.objective == "edm" and cfg.sigma_data is None:
         with torch.no_grad():

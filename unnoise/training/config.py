@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from unnoise.schedules import SCHEDULE_NAMES
+
 OBJECTIVES: tuple[str, ...] = ("ddpm", "edm")
 LOSSES: tuple[str, ...] = ("simple", "hybrid", "vlb", "min_snr")
 PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
@@ -83,6 +85,7 @@ class TrainConfig:
             _choose("loss", self.loss, LOSSES)
             _choose("prediction", self.prediction, PREDICTIONS)
             _choose("timestep_sampling", self.timestep_sampling, TIMESTEP_SAMPLING)
+            _choose("schedule", self.schedule, SCHEDULE_NAMES)
             if int(self.T) < 2:
                 raise ValueError(f"T must be >= 2, got {self.T}")
             if self.loss == "min_snr":
