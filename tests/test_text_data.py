@@ -1,6 +1,7 @@
 """Text data: E2E meaning representations and pairs, MR-disjoint splits, plain-text files, the tokenizer."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +194,11 @@ def test_tiny_corpus_tokenizes():
     assert max(lengths) <= 12 and all(s == s.lower() for s in TINY_CORPUS)
     assert not any((tok.encode_batch(TINY_CORPUS, 16) == tok.unk_id).any(dim=1))
     assert text_data.TINY_CORPUS is TINY_CORPUS
+
+
+def test_the_default_e2e_folder_is_the_shared_folder_beside_the_checkout():
+    """E2E is read from ../shared/data/e2e next to the repository, wherever the module sits in the package."""
+    import unnoise
+
+    checkout = Path(unnoise.__file__).resolve().parents[1]
+    assert text_data._E2E_DEFAULT.resolve() == (checkout.parent / "shared" / "data" / "e2e").resolve()

@@ -148,6 +148,8 @@ class Run:
         classifier-free guided with scale ``guidance`` (1: plain conditional)."""
         D = self.conditional_denoiser(bf16)
         if cond is None:
+            if guidance != 1.0 and null is None:
+                raise ValueError("this model is unconditional: guidance needs a class-conditional run (leave it at 1)")
             if guidance != 1.0:
                 raise ValueError(f"guidance {guidance:g} needs a condition to guide toward (leave it at 1)")
             return lambda x, sigma: D(x, sigma, None if null is None else null.expand(x.shape[0], *null.shape))

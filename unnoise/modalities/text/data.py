@@ -38,7 +38,7 @@ __all__ = [
 
 E2E_ATTRIBUTES = ("name", "eatType", "food", "priceRange", "customer rating", "area", "familyFriendly", "near")
 E2E_FILES = {"dev": "devset.csv", "test": "testset_w_refs.csv"}  # trainset.csv is not available offline
-_E2E_DEFAULT = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "e2e"
+_E2E_DEFAULT = Path(__file__).resolve().parents[3] / ".." / "shared" / "data" / "e2e"
 _MR_ITEM = r"\s*([^\[\],]+?)\s*\[([^\[\]]+)\]\s*"  # attribute[value]
 _MR = re.compile(rf"{_MR_ITEM}(?:,{_MR_ITEM})*")
 
