@@ -34,3 +34,26 @@ def test_a_registered_modality_refuses_in_one_line(gauss, tmp_path, capsys):
     argv = ["sample", "--run", str(tmp_path / "run"), "--class", "1", "--out", str(tmp_path / "x")]
     capsys.readouterr()
     one_line_exit_2(main, argv, capsys, "gauss runs take --grid (sample); not --class")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_bf16_run_samples_in_bf16_only_where_the_machine_has_it(gauss, tmp_path, monkeypatch, native):
+    """Emulated bf16 (an AVX2-only CPU) is tens of times slower than float32: sampling stays float32 there."""
+    import torch
+
+    from unnoise.modalities import run as run_module
+
+    assert main(["train", "gauss", "--steps", "2", "--bf16", "--out", str(tmp_path / "run")]) == 0
+    monkeypatch.setattr(run_module, "native_bf16", lambda: native)
+    run = run_module.load_run(tmp_path / "run")
+    seen, network = [], run.modality.network
+
+    def spy(model):
+        return lambda x, t, cond: seen.append(torch.is_autocast_enabled("cpu")) or network(model)(x, t, cond)
+
+    monkeypatch.setattr(run.modality, "network", spy)
+    run.denoiser(None, None)(torch.zeros(1, 4), torch.tensor(1.0))
+    assert seen == [native]
+    seen.clear()
+    run.denoiser(None, None, bf16=True)(torch.zeros(1, 4), torch.tensor(1.0))  # asked for: always
+    assert seen == [True]

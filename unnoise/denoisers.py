@@ -303,6 +303,16 @@ def clipped(denoise: Denoiser, low: float = -1.0, high: float = 1.0) -> Denoiser
     return clip
 
 
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matmuls run natively on ``device`` (CUDA with bf16, or a CPU with AVX512-BF16 or
+    AMX). Elsewhere (e.g. an AVX2-only CPU) bf16 autocast is emulated and tens of times slower than
+    float32, so sampling a bf16-trained run stays in float32 there."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(bool(probe()) for probe in probes if probe is not None)
+
+
 def bf16_autocast(net: Callable[..., Tensor]) -> Callable[..., Tensor]:
     """``net(x, ...)`` under bfloat16 autocast, its output cast back to x's dtype.
 

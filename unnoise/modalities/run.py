@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from unnoise.denoisers import EDMPrecond, bf16_autocast, from_discrete
+from unnoise.denoisers import EDMPrecond, bf16_autocast, from_discrete, native_bf16
 from unnoise.guidance import conditioned
 from unnoise.modalities.base import Modality, get_modality, modality_of
 from unnoise.schedules import DiscreteSchedule, make_schedule
@@ -101,14 +102,10 @@ class Run:
     def name(self) -> str:
         return self.modality.name
 
-    @property
+    @cached_property
     def schedule(self) -> DiscreteSchedule | None:
         """The discrete schedule of a DDPM-objective run (None under EDM)."""
-        if self.cfg.objective != "ddpm":
-            return None
-        if "_schedule" not in self.__dict__:
-            self.__dict__["_schedule"] = make_schedule(self.cfg.schedule, self.cfg.T)
-        return self.__dict__["_schedule"]
+        return make_schedule(self.cfg.schedule, self.cfg.T) if self.cfg.objective == "ddpm" else None
 
     @property
     def sigma_max(self) -> float:
@@ -125,9 +122,10 @@ class Run:
     def conditional_denoiser(self, bf16: bool | None = None) -> Callable[[Tensor, Tensor, Tensor | None], Tensor]:
         """``D(x, sigma, cond)``: the network under the run's parameterization (DDPM: eps / x0 / v at
         the schedule's fractional t, the learned variance's channels dropped; EDM: Table 1's
-        preconditioning). ``bf16`` runs the network under bf16 autocast (None: as it was trained)."""
+        preconditioning). ``bf16`` runs the network under bf16 autocast (None: if it was trained so
+        and this machine runs bf16 natively, :func:`unnoise.denoisers.native_bf16`)."""
         net = self.modality.network(self.model)
-        if self.cfg.bf16 if bf16 is None else bf16:
+        if self.cfg.bf16 and native_bf16() if bf16 is None else bf16:
             net = bf16_autocast(net)
         if self.cfg.objective == "edm":
             sigma_data = float(self.cfg.sigma_data)

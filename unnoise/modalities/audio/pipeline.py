@@ -115,7 +115,8 @@ def sample_audio(
 
     ``grid="diffwave"`` with ``sampler="ddpm", nfe=6`` is DiffWave's fast sampler (its 6-step
     inference schedule); the chain starts at that grid's top noise level. ``bf16`` runs the network
-    under bfloat16 autocast (None: as it was trained). ``options`` (eta) go to the sampler.
+    under bfloat16 autocast (None: as it was trained, where the machine runs bf16 natively).
+    ``options`` (eta) go to the sampler.
     """
     k = run.model.config.num_classes
     if class_id is not None and (k is None or not 0 <= class_id < k):

@@ -9,6 +9,7 @@ representations as condition ids) and the :class:`TextRun` view of a loaded run.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -88,11 +89,9 @@ def encode_mrs(mrs: list[dict[str, str]], vocab: list[str]) -> Tensor:
 class TextRun(Run):
     """A text run with its tokenizer and sequence length."""
 
-    @property
+    @cached_property
     def tokenizer(self) -> Tokenizer:
-        if "_tokenizer" not in self.__dict__:
-            self.__dict__["_tokenizer"] = Tokenizer.from_json(self.cfg.extra["tokenizer"])
-        return self.__dict__["_tokenizer"]
+        return Tokenizer.from_json(self.cfg.extra["tokenizer"])
 
     @property
     def seq_len(self) -> int:
