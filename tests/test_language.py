@@ -123,9 +123,5 @@ def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     assert main(["eval", "--run", str(tmp_path / "run"), "--bpd", "--n", "6"]) == 0
     out = capsys.readouterr().out
     assert "bits/token" in out and "given each sentence's meaning representation" in out
-    _one_line_exit_2(
-        ["eval", "--run", str(tmp_path / "run"), "--fid", "10"],
-        capsys,
-        refused="text runs take --bpd, --n, --guidance (eval); not --fid"
-        "text runs take --bpd, --n, --guidance (eval); not --fid",
-    )
+    refused = "text runs take --bpd, --n, --guidance (eval); not --fid"
+    _one_line_exit_2(["eval", "--run", str(tmp_path / "run"), "--fid", "10"], capsys, refused)
