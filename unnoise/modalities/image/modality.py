@@ -20,7 +20,7 @@ from unnoise.modalities.image.data import to_model
 from unnoise.modalities.image.demo import run_image_demo
 from unnoise.modalities.image.io import save_grid, save_npz, save_trajectory, trajectory_frames
 from unnoise.modalities.image.metrics import evaluate_images
-from unnoise.modalities.image.pipeline import _scale, dataset, sample_images, sample_images_sharded
+from unnoise.modalities.image.pipeline import dataset, grid_scale, sample_images, sample_images_sharded
 from unnoise.modalities.run import Run
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.training.config import TrainConfig
@@ -73,7 +73,7 @@ class ImageModality:
         run = Run(self, cfg, model)
         k = model.config.num_classes or 0
         images, _ = sample_images(run, n=min(64, 8 * max(1, k)), nfe=20, seed=0)
-        save_grid(run_dir / "samples" / f"step_{step:08d}.png", images, scale=_scale(images))
+        save_grid(run_dir / "samples" / f"step_{step:08d}.png", images, scale=grid_scale(images))
 
     def sample(self, run: Run, *, trajectory: Path | None = None, **options) -> dict[str, Any]:
         steps: list | None = [] if trajectory is not None else None
@@ -87,7 +87,7 @@ class ImageModality:
         out = out.with_suffix("") if out.suffix in (".png", ".npz") else out
         k = run.model.config.num_classes
         nrow = min(len(images), k) if k and options.get("class_id") is None else None
-        scale = _scale(images)
+        scale = grid_scale(images)
         written = [save_grid(out.with_name(out.name + ".png"), images, nrow=nrow, scale=scale)]
         written.append(save_npz(out.with_name(out.name + ".npz"), images, labels))
         if samples["trajectory"] is not None:

@@ -107,5 +107,6 @@ def _labels(run: Run, n: int, class_id: int | None) -> Tensor:
     return torch.arange(n) // max(1, math.ceil(n / k)) % k
 
 
-def _scale(images: Tensor) -> int:
+def grid_scale(images: Tensor) -> int:
+    """How many times to enlarge each image in a grid so that it shows at about 64 pixels."""
     return max(1, 64 // images.shape[-1])
