@@ -55,8 +55,14 @@ class GaussModality:
         D_ = run.denoiser(None, None)
         return sample(D_, x, sampler=sampler, nfe=nfe, sigma_max=run.sigma_max, sigma_min=run.sigma_min, **options)
 
+    def sample_shape(self, run) -> tuple[int, ...]:
+        return (D,)
+
+    def outputs(self, out: Path) -> list[Path]:
+        return [out.with_suffix(".txt")]
+
     def write(self, run, samples, out: Path, **options) -> list[Path]:
-        path = out.with_suffix(".txt")
+        path = self.outputs(out)[0]
         path.write_text("\n".join(" ".join(f"{v:.4f}" for v in row) for row in samples.tolist()) + "\n")
         return [path]
 

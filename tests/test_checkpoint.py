@@ -131,6 +131,7 @@ def test_round_trip_restores_every_tensor_and_rng_stream(tmp_path):
     _assert_same(ckpt.rng_state(gens2), rng_before)
     assert sorted(p.name for p in (tmp_path / "checkpoints/step_00000003").iterdir()) == [
         "ema.safetensors",
+        "manifest.json",
         "model.safetensors",
         "optimizer.json",
         "optimizer.safetensors",
@@ -196,7 +197,7 @@ def test_keeps_the_last_k_and_latest_names_the_newest(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["save_tree", "replace", "atomic_write_text"])
-def test_a_crash_mid_save_leaves_the_previous_checkpoint_latest_and_loadable(tmp_path, monkeypatch, where):
+def test_a_crash_mid_save_leaves_an_intact_newest_checkpoint(tmp_path, monkeypatch, where):
     model, ema, opt, gens, _ = _trained(tmp_path)
     expected = copy.deepcopy(model.state_dict())
     with torch.no_grad():
@@ -210,9 +211,13 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_latest_and_loadable(tmp
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 4, model=model, ema=ema, optimizer=opt, generators=gens)
     monkeypatch.undo()
-    assert latest_checkpoint(tmp_path).name == "step_00000003"
+    if where == "atomic_write_text":  # only `latest` was not updated: step 4 is whole, verified and newest
+        expected, step = model.state_dict(), 4
+    else:
+        step = 3
+    assert latest_checkpoint(tmp_path).name == f"step_{step:08d}"
     fresh, *_ = _parts(seed=3)
-    assert load_checkpoint(tmp_path, model=fresh)["step"] == 3
+    assert load_checkpoint(tmp_path, model=fresh)["step"] == step
     _assert_same(fresh.state_dict(), expected)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
@@ -235,9 +240,15 @@ def test_a_pickle_is_refused_with_a_clear_error(tmp_path, writer):
         path.write_bytes(pickle.dumps(model.state_dict()))
     else:
         torch.save(model.state_dict(), path, _use_new_zipfile_serialization=writer == "torch.save")
+    _without_manifests(tmp_path)  # the reader's own defence, as for a run written before manifests
     for load in (lambda: load_model_weights(path, _net()), lambda: load_checkpoint(tmp_path, model=_net())):
         with pytest.raises(ValueError, match="holds a pickle/torch.save archive; unnoise loads only safetensors"):
             load()
+
+
+def _without_manifests(run: Path) -> None:
+    for manifest in (run / "checkpoints").glob("step_*/manifest.json"):
+        manifest.unlink()
 
 
 def _tamper(path: Path, how: str) -> None:
@@ -266,6 +277,9 @@ def test_a_damaged_safetensors_file_gives_one_value_error_naming_it(tmp_path, ho
     _trained(tmp_path)
     path = tmp_path / "checkpoints/step_00000003/model.safetensors"
     _tamper(path, how)
+    with pytest.raises(ValueError, match="model.safetensors does not match the SHA-256 in its manifest"):
+        load_model_weights(path, _net())
+    _without_manifests(tmp_path)
     with pytest.raises(ValueError, match="model.safetensors is not a valid safetensors file") as e:
         load_model_weights(path, _net())
     assert e.value.__cause__ is None and e.value.__suppress_context__
@@ -290,13 +304,13 @@ def test_missing_things_are_named(tmp_path):
         load_checkpoint(tmp_path, model=_net())
     model, ema, opt, gens, _ = _trained(tmp_path)
     (tmp_path / "checkpoints/step_00000003/optimizer.json").unlink()
-    with pytest.raises(FileNotFoundError, match="optimizer.json is missing"):
+    with pytest.raises(ValueError, match="optimizer.json is missing"):
         load_checkpoint(tmp_path, model=model, optimizer=opt)
     without_ema = save_checkpoint(tmp_path, 4, model=model)
     with pytest.raises(FileNotFoundError, match="ema.safetensors is missing"):
         load_checkpoint(without_ema, model=model, ema=ema)
     with pytest.raises(ValueError, match="no state for generator 'noise'"):
-        load_checkpoint(tmp_path / "checkpoints/step_00000003", model=model, generators={"noise": torch.Generator()})
+        load_checkpoint(tmp_path / "checkpoints/step_00000004", model=model, generators={"noise": torch.Generator()})
 
 
 def test_state_that_needs_pickle_is_refused_and_leaves_nothing_behind(tmp_path):

@@ -12,11 +12,14 @@ import argparse
 import inspect
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
+from unnoise.cli.checks import check_outputs, check_sample_memory, prepare_demo_folder
 from unnoise.cli.parser import build_parser
 from unnoise.training import distributed
+from unnoise.training.signals import Interrupted
 
 # option name -> the flag that sets it, for messages
 FLAGS = {"class_id": "--class", "control_scale": "--control-scale", "n": "--n"}
@@ -24,17 +27,41 @@ FLAGS = {"class_id": "--class", "control_scale": "--control-scale", "n": "--n"}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings(args.command)
+        return _run(args)
+
+
+def _one_line_warnings(command: str):
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if distributed.current().main:
+            print(f"unnoise {command}: warning: {message}", file=sys.stderr)
+
+    return show
+
+
+def _run(args: argparse.Namespace) -> int:
     # Under torchrun, train/sample/eval join the process group; rank 0 prints and writes.
     shard = distributed.init() if args.command in ("train", "sample", "eval") else distributed.Shard()
     if shard.world > 1:
         distributed.stop_on_sigterm()
     try:
         {"train": _train, "sample": _sample, "eval": _eval, "demo": _demo}[args.command](args)
-    except (ValueError, FileNotFoundError, PermissionError, ImportError, FloatingPointError) as e:
+    except Interrupted as e:  # SIGTERM / SIGINT during training: checkpointed, then stopped
+        if shard.main:
+            print(f"unnoise train: {e}{_resume_hint(args)}", file=sys.stderr)
+        return e.exit_status
+    except (ValueError, OSError, ImportError, FloatingPointError) as e:
         if shard.main:  # every rank meets the same bad input: one line
-            print(f"unnoise {args.command}: error: {e}", file=sys.stderr)
+            print(f"unnoise {args.command}: error: {_one_line(e)}{_kept(args, e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"unnoise {args.command}: error: out of memory{_smaller(args)}", file=sys.stderr)
         return 2
     except (distributed.Stopped, RuntimeError) as e:  # DistError is a RuntimeError
+        if _out_of_memory(e):
+            print(f"unnoise {args.command}: error: out of memory ({_one_line(e)}){_smaller(args)}", file=sys.stderr)
+            return 2
         if not distributed.is_group_failure(e):
             raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -53,13 +80,43 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(args: argparse.Namespace) -> str:
-    if args.command != "train":
+    if args.command != "train" or args.modality == "control":
         return ""
     from unnoise.training.checkpoint import latest_checkpoint
 
-    step = latest_checkpoint(args.out) if args.out.is_dir() else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            step = latest_checkpoint(args.out) if args.out.is_dir() else None
+    except (ValueError, OSError):
+        step = None
     where = f"its checkpoint {step.name}" if step is not None else "the start"
     return f"; rerun with --resume to continue from {where}"
+
+
+def _one_line(e: BaseException) -> str:
+    """An error as one line: OS errors as 'what: file', anything else its first line."""
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, (FileNotFoundError, PermissionError)):
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _kept(args: argparse.Namespace, e: BaseException) -> str:
+    """For a resource error mid-training: what survived (saves are atomic)."""
+    if args.command != "train" or not isinstance(e, OSError) or isinstance(e, (FileNotFoundError, PermissionError)):
+        return ""
+    return _resume_hint(args)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "can't allocate memory" in text or "out of memory" in text or "not enough memory" in text
+
+
+def _smaller(args: argparse.Namespace) -> str:
+    flags = {"train": "a smaller --batch-size", "demo": "a smaller model"}.get(args.command, "a smaller --n or --nfe")
+    return f"; try {flags}{_resume_hint(args)}"
 
 
 def _say(*lines: str) -> None:
@@ -93,14 +150,17 @@ def _train(args: argparse.Namespace) -> None:
             raise ValueError(f"--arch chooses the audio network; {args.modality} runs have one network each")
         settings["extra"] = dict(settings.get("extra") or {}) | {"arch": args.arch}
     cfg = make_config(args.modality, settings, where=str(args.config) if args.config else "settings")
-    train(args.modality, cfg, args.out, resume=args.resume)
+    train(args.modality, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     _say(f"trained; run folder: {args.out}")
 
 
 def _read_settings(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (JSON or TOML in UTF-8)") from None
     if path.suffix == ".toml":
         import tomllib
 
@@ -165,6 +225,13 @@ def _sample(args: argparse.Namespace) -> None:
     if "control_scale" in given and not args.control:
         raise ValueError("--control-scale scales --control; give --control FIELD=VALUE too")
     _check_eta(args.sampler, args.eta)
+    outputs = run.modality.outputs(args.out)
+    check_outputs(outputs, args.overwrite)
+    if args.trajectory is not None:
+        if args.trajectory in outputs:
+            raise ValueError(f"--trajectory {args.trajectory} is one of the sample files --out writes; name another")
+        check_outputs([args.trajectory], args.overwrite, flag="--trajectory")
+    check_sample_memory(args.n, run.modality.sample_shape(run))
     if not run.modality.sharded and not distributed.current().main:
         return  # not sharded: rank 0 draws and writes
     options = given | {"n": args.n, "sampler": args.sampler, "nfe": args.nfe, "seed": args.seed}
@@ -192,6 +259,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from unnoise.modalities.base import get_modality
 
+    prepare_demo_folder(args.out, args.overwrite)
     get_modality("image" if args.kind == "images" else args.kind).demo(args.out, steps=args.steps, seed=args.seed)
 
 

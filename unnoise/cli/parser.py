@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from unnoise.cli.checks import MAX_NFE
 from unnoise.modalities.base import REGISTRY
 from unnoise.sampling.samplers import SAMPLERS
 from unnoise.training.config import LOSSES, OBJECTIVES, PREDICTIONS, TIMESTEP_SAMPLING
@@ -26,6 +27,13 @@ def positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def nfe(s: str) -> int:
+    v = positive_int(s)
+    if v > MAX_NFE:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NFE:,} denoiser evaluations, got {s}")
     return v
 
 
@@ -63,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=positive_int, default=None, help="training steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", type=Path, default=Path("unnoise-demo"), help="output folder")
+    demo.add_argument("--overwrite", action="store_true", help="redo the demo in a folder that holds an earlier one")
     return parser
 
 
@@ -98,8 +107,17 @@ def _train(train: argparse.ArgumentParser) -> None:
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--save-every", type=positive_int, default=None, help="checkpoint interval in steps")
     train.add_argument("--config", type=Path, help="a JSON or TOML file of training settings (flags win)")
-    train.add_argument("--out", type=Path, required=True, help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument(
+        "--out", type=Path, required=True, help="run folder: new or empty (or a run, with --resume / --overwrite)"
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its newest intact checkpoint"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the run in --out over, deleting its checkpoints (without it, an existing run is refused)",
+    )
 
 
 def _sample(sample: argparse.ArgumentParser) -> None:
@@ -120,7 +138,7 @@ def _sample(sample: argparse.ArgumentParser) -> None:
         "--control-scale", type=nonnegative_float, default=None, help="text: classifier-guidance scale (default 3)"
     )
     sample.add_argument("--sampler", default=None, help=SAMPLER_HELP)
-    sample.add_argument("--nfe", type=positive_int, default=20, help="denoiser evaluations")
+    sample.add_argument("--nfe", type=nfe, default=20, help=f"denoiser evaluations (at most {MAX_NFE:,})")
     sample.add_argument(
         "--guidance",
         type=nonnegative_float,
@@ -132,8 +150,11 @@ def _sample(sample: argparse.ArgumentParser) -> None:
     sample.add_argument("--grid", default=None, help=_GRID_HELP)
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--n", "--count", dest="n", type=positive_int, default=64, help="how many (alias --count)")
-    sample.add_argument("--out", type=Path, required=True, help="FILE: writes FILE.png and FILE.npz (text: FILE.txt)")
+    sample.add_argument(
+        "--out", type=Path, required=True, help="FILE: writes FILE.png and FILE.npz (text: FILE.txt; audio: WAVs)"
+    )
     sample.add_argument("--trajectory", type=Path, default=None, help="also write x_t and predicted x0 per step")
+    sample.add_argument("--overwrite", action="store_true", help="replace existing output files (refused without)")
 
 
 def _eval(ev: argparse.ArgumentParser) -> None:
@@ -149,7 +170,7 @@ def _eval(ev: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--fid", type=positive_int, default=None, metavar="N", help="FID of N samples vs the test split")
     ev.add_argument("--sampler", default=None, help=SAMPLER_HELP)
-    ev.add_argument("--nfe", type=positive_int, default=20, help="denoiser evaluations per sample")
+    ev.add_argument("--nfe", type=nfe, default=20, help=f"denoiser evaluations per sample (at most {MAX_NFE:,})")
     ev.add_argument("--guidance", type=nonnegative_float, default=1.0, help="classifier-free guidance")
     ev.add_argument("--grid", default=None, help=_GRID_HELP)
     ev.add_argument("--seed", type=int, default=0, help="first per-sample seed of generated samples")

@@ -74,6 +74,12 @@ class Modality(Protocol):
     def sample(self, run: Any, **options: Any) -> Any:
         """Generate from a loaded run (:class:`unnoise.modalities.run.Run`)."""
 
+    def sample_shape(self, run: Any) -> tuple[int, ...]:
+        """The shape of one sample in the diffusion's space (what sampling holds in memory per sample)."""
+
+    def outputs(self, out: Path) -> list[Path]:
+        """The files ``write`` would create for ``out`` (those of them that exist, where names vary)."""
+
     def write(self, run: Any, samples: Any, out: Path, **options: Any) -> list[Path]:
         """Write samples next to ``out`` (PNG / NPZ, TXT, WAV); returns the files written."""
 
@@ -96,3 +102,8 @@ def modality_of(config: dict[str, Any]) -> str:
     train = config.get("train", {}) if isinstance(config, dict) else {}
     extra = train.get("extra", {}) if isinstance(train, dict) else {}
     return extra.get("modality", "image") if isinstance(extra, dict) else "image"
+
+
+def output_stem(out: Path, suffixes: tuple[str, ...]) -> Path:
+    """``out`` without one of the suffixes a modality writes (FILE.png and FILE -> FILE)."""
+    return out.with_suffix("") if out.suffix in suffixes else out

@@ -21,7 +21,7 @@ from unnoise.denoisers import EDMPrecond, bf16_autocast, from_discrete, native_b
 from unnoise.guidance import conditioned
 from unnoise.modalities.base import Modality, get_modality, modality_of
 from unnoise.schedules import DiscreteSchedule, make_schedule
-from unnoise.training import loop
+from unnoise.training import loop, runfolder
 from unnoise.training.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.training.config import TrainConfig
 from unnoise.training.objectives import make_objective
@@ -48,17 +48,20 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     stop: Callable[[int], bool] | None = None,
 ) -> nn.Module:
     """Train a model of modality ``name`` on ``cfg.data``; returns the EMA model.
 
     Writes the run folder (config.json with what was applied, log, checkpoints); ``stop(step)``
-    may end training early (:func:`unnoise.training.loop.train`). Under ``objective="edm"`` an unset
+    may end training early (:func:`unnoise.training.loop.train`, which also says what ``resume``
+    and ``overwrite`` allow). Under ``objective="edm"`` an unset
     ``sigma_data`` is the standard deviation of the encoded training data, recorded in the config.
     """
     modality = get_modality(name)
     modality.check(cfg)
+    runfolder.check_out(Path(run_dir), resume=resume, overwrite=overwrite)  # before loading any data
     torch.manual_seed(cfg.seed)
     cfg.extra["modality"] = modality.name
     data = modality.training_data(cfg)
@@ -82,6 +85,7 @@ def train(
         cond,
         loss_fn=objective,
         resume=resume,
+        overwrite=overwrite,
         on_sample=preview,
         progress=progress,
         stop=stop,
@@ -168,7 +172,15 @@ def load_run(run_dir: str | Path, which: str = "ema", expect: str | None = None)
         raise ValueError(f"{run_dir} is a {name} run, not {expect}")
     modality = get_modality(name)
     cfg = TrainConfig.from_dict(config["train"], where=str(Path(run_dir) / "config.json"))
-    model = modality.load(config, cfg)
+    try:
+        model = modality.load(config, cfg)
+    except (KeyError, TypeError, ValueError) as e:
+        detail = f"lacks {e}" if isinstance(e, KeyError) else str(e)
+        raise ValueError(
+            f"{Path(run_dir)}/{detail}"
+            if detail.startswith("config.json")
+            else f"{Path(run_dir) / 'config.json'}: the {name} network's settings: {detail}"
+        ) from None
     step = latest_checkpoint(run_dir)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: train first (unnoise train {name} ...)")

@@ -9,9 +9,12 @@ Layout (every file written inside a temp folder, fsynced, then the folder rename
         optimizer.json + optimizer.safetensors   optimizer.state_dict(): tensors apart, the rest JSON
         rng.json + rng.safetensors               torch (CPU, CUDA), numpy, python and named generators
         state.json (+ state.safetensors)         {"step": ..., whatever the trainer passes}
+        manifest.json                            SHA-256 of each file above, written last
 
-A crash (even kill -9) at any point leaves the previous checkpoint intact, named by ``latest``,
-and loadable; resuming restores every RNG stream, so a resumed run ends bit-identical.
+A crash (even kill -9) at any point leaves the previous checkpoint intact and loadable; resuming
+restores every RNG stream, so a resumed run ends bit-identical. ``latest`` is a hint: loading
+takes the newest step folder whose manifest verifies (:mod:`unnoise.training.integrity`), saying
+which damaged ones it passed over; non-finite weights are never written and never loaded.
 
 Non-tensor trees (optimizer state, RNG, trainer state) are stored by :mod:`unnoise.training.files`
 (JSON with the tensors in a .safetensors beside it), which also does the atomic writes.
@@ -25,6 +28,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unnoise.training import integrity
 from unnoise.training.files import (
     atomic_write_text,
     load_tree,
@@ -96,6 +101,10 @@ def _check_keys(path: Path, weights: Mapping[str, torch.Tensor], module: nn.Modu
             f"{path} does not fit the {type(module).__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches (file vs model) {shapes[:5]}"
         )
+    try:
+        integrity.check_finite(weights, str(path))
+    except FloatingPointError as e:
+        raise ValueError(f"{e}: the run diverged; retrain it (e.g. with a lower --lr)") from None
 
 
 def load_model_weights(
@@ -105,6 +114,8 @@ def load_model_weights(
     path = Path(path)
     if path.is_dir():
         path = _step_folder(path) / f"{which}.safetensors"
+    elif path.is_file() and integrity.has_manifest(path.parent):
+        integrity.verify(path.parent)
     weights = read_safetensors(path)
     _check_keys(path, weights, model)
     model.load_state_dict(weights)
@@ -141,13 +152,36 @@ def load_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The step folder ``latest`` names, or (if it names none that exists) the highest step; None if none."""
+    """The newest step folder whose manifest verifies; None if the run has no step folder.
+
+    Damaged newer folders are passed over with a warning naming the first problem; if none is
+    intact, a :class:`unnoise.training.integrity.Damaged` error names it. A run written before
+    manifests existed (none of its steps has one) gets the folder ``latest`` names, else the highest.
+    """
     root = _require_run(run_dir) / "checkpoints"
-    named = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else ""
-    if _STEP.fullmatch(named) and (root / named).is_dir():
-        return root / named
     steps = _step_folders(root)
-    return steps[-1] if steps else None
+    if not steps:
+        return None
+    if not any(integrity.has_manifest(p) for p in steps):
+        named = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else ""
+        return root / named if _STEP.fullmatch(named) and (root / named).is_dir() else steps[-1]
+    skipped: list[str] = []
+    for step in reversed(steps):
+        try:
+            integrity.verify(step)
+        except integrity.Damaged as e:
+            skipped.append(str(e))
+            continue
+        if skipped:
+            more = f" (and {len(skipped) - 1} more damaged)" if len(skipped) > 1 else ""
+            warnings.warn(f"{skipped[0]}{more}; using the newest intact checkpoint, {step.name}", stacklevel=2)
+        return step
+    raise integrity.Damaged(f"no intact checkpoint in {root}: {skipped[0]}")
+
+
+def _legacy(root: Path) -> bool:
+    """A run written before manifests: none of its step folders has one."""
+    return not any(integrity.has_manifest(p) for p in _step_folders(root))
 
 
 def _step_folders(root: Path) -> list[Path]:
@@ -157,7 +191,10 @@ def _step_folders(root: Path) -> list[Path]:
 
 
 def _step_folder(path: Path) -> Path:
-    if (path / "state.json").is_file():
+    """The step folder ``path`` is (verified, unless its run predates manifests) or its run's newest intact one."""
+    if _STEP.fullmatch(path.name) and ((path / "state.json").is_file() or integrity.has_manifest(path)):
+        if integrity.has_manifest(path) or not _legacy(path.parent):
+            integrity.verify(path)
         return path
     step = latest_checkpoint(path)
     if step is None:
@@ -191,6 +228,11 @@ def load_module(folder: str | os.PathLike, module: nn.Module) -> nn.Module:
     return load_model_weights(Path(folder) / "weights.safetensors", module)
 
 
+def _newest_name(root: Path) -> str:
+    steps = _step_folders(root)
+    return steps[-1].name if steps else "none (no checkpoint yet)"
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -209,6 +251,13 @@ def save_checkpoint(
     """
     if step < 0 or (keep is not None and keep < 1):
         raise ValueError(f"need step >= 0 and keep >= 1 (or None), got step={step}, keep={keep}")
+    for what, module in (("model", model), ("EMA model", ema)):
+        if module is not None:
+            try:
+                integrity.check_finite(module.state_dict(), f"the {what} at step {step}")
+            except FloatingPointError as e:
+                newest = _newest_name(Path(run_dir) / "checkpoints")
+                raise FloatingPointError(f"{e}: not checkpointed; the newest checkpoint stays {newest}") from None
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):  # left by a crashed save
@@ -223,6 +272,7 @@ def save_checkpoint(
             save_tree(tmp, "optimizer", optimizer.state_dict())
         save_tree(tmp, "rng", rng_state(generators))
         save_tree(tmp, "state", {**(state or {}), "step": step})
+        integrity.write_manifest(tmp)  # last: a folder with a valid manifest was written whole
 
     final = write_folder(root / name, fill)  # re-saving a step (a resumed run passing it again) replaces it
     atomic_write_text(root / "latest", name + "\n")
@@ -244,7 +294,7 @@ def load_checkpoint(
     """Resume from a step folder or a run folder (its latest step): restore model, EMA, optimizer and all
     RNG streams (global ones included), and return the trainer state (with ``"step"``).
 
-    Every file is read and checked before anything is modified.
+    Every file is verified against the folder's manifest, read and checked before anything is modified.
     """
     folder = _step_folder(_require_run(path))
     weights = {"model": (model, read_safetensors(folder / "model.safetensors"))}
@@ -253,7 +303,12 @@ def load_checkpoint(
     for name, (module, tensors) in weights.items():
         _check_keys(folder / f"{name}.safetensors", tensors, module)
     opt_state = load_tree(folder, "optimizer") if optimizer is not None else None
+    if optimizer is not None:
+        integrity.check_optimizer_state(opt_state, optimizer, folder / "optimizer.json")
     rng, state = load_tree(folder, "rng"), load_tree(folder, "state")
+    integrity.check_rng_state(rng, folder / "rng.json", generators)
+    if not isinstance(state, dict) or state.get("step") != int(folder.name[5:]) or isinstance(state["step"], bool):
+        raise integrity.Damaged(f"{folder / 'state.json'} must hold an object with step {int(folder.name[5:])}")
     for module, tensors in weights.values():
         module.load_state_dict(tensors)
     if optimizer is not None:

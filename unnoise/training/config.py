@@ -9,10 +9,11 @@ saved config holds only what was applied (``None`` for what the objective does n
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from unnoise.schedules import SCHEDULE_NAMES
+from unnoise.schema import from_dict
 
 OBJECTIVES: tuple[str, ...] = ("ddpm", "edm")
 LOSSES: tuple[str, ...] = ("simple", "hybrid", "vlb", "min_snr")
@@ -80,6 +81,10 @@ class TrainConfig:
         _choose("lr_decay", self.lr_decay, ("constant", "cosine"))
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if not 0 < self.lr < float("inf") or not 0 < self.grad_clip < float("inf"):  # also refuses NaN
+            raise ValueError(f"lr and grad_clip must be finite and > 0, got {self.lr}, {self.grad_clip}")
+        if not 0 <= self.weight_decay < float("inf") or int(self.warmup) < 0:
+            raise ValueError(f"weight_decay and warmup must be >= 0, got {self.weight_decay}, {self.warmup}")
         if self.objective == "ddpm":
             self._resolve(DDPM_DEFAULTS, EDM_DEFAULTS | {"sigma_data": None})
             _choose("loss", self.loss, LOSSES)
@@ -128,18 +133,10 @@ class TrainConfig:
         return self.variance == "learned_range"
 
     @classmethod
-    def from_dict(cls, settings: dict[str, Any], where: str = "settings") -> TrainConfig:
-        """A config from a dict (a --config file, a run's config.json), with one line for an unknown key."""
-        if not isinstance(settings, dict):
-            raise ValueError(f"{where} must be a JSON/TOML object of training settings, got {type(settings).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise ValueError(f"{where}: unknown settings {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
-        try:
-            return cls(**settings)
-        except TypeError as e:
-            raise ValueError(f"{where}: {e}") from None
+    def from_dict(cls, settings: Any, where: str = "settings") -> TrainConfig:
+        """A config from a dict (a --config file, a run's config.json): unknown keys and values of the
+        wrong type are refused in one line naming ``where`` and the key (:func:`unnoise.schema.from_dict`)."""
+        return from_dict(cls, settings, where)
 
 
 def _choose(name: str, value: object, allowed: tuple[str, ...]) -> None:

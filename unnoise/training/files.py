@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -183,3 +184,20 @@ def write_folder(final: Path, fill: Callable[[Path], None]) -> Path:
     fsync(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
     return final
+
+
+def check_writable(folder: Path) -> None:
+    """One line (ValueError) unless files can be created in ``folder`` (existing or to be made):
+    its nearest existing ancestor must be a folder that accepts a new file (tried, then removed:
+    permission bits say nothing to root or on a read-only mount)."""
+    p = folder
+    while not p.exists() and p.parent != p:
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"cannot write in {folder}: {p} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=p, prefix=".unnoise-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ValueError(f"cannot write in {p}: {e.strerror or e}") from None

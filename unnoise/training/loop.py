@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from unnoise.training import distributed
+from unnoise.schema import from_dict
+from unnoise.training import distributed, runfolder
 from unnoise.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_config
 from unnoise.training.config import TrainConfig
 from unnoise.training.distributed import Draws
+from unnoise.training.lock import RunInUse, RunLock
+from unnoise.training.signals import Interrupted, StopSignals
 
 Objective = Callable[[nn.Module, Tensor, Tensor, Draws], Tensor]  # (net, x0, labels, draws) -> loss
 
@@ -114,6 +117,7 @@ def train(
     *,
     loss_fn: Objective,
     resume: bool = False,
+    overwrite: bool = False,
     on_sample: Callable[[nn.Module, int], None] | None = None,
     progress: bool = True,
     stop: Callable[[int], bool] | None = None,
@@ -128,6 +132,11 @@ def train(
     ``stop(step)``, asked after every step, ends training early (a time budget); the step it
     ends on is checkpointed like the last.
 
+    The run folder must be new or empty, a run to ``resume`` (from its newest intact checkpoint)
+    or one to start over (``overwrite``); it is locked while training (a second training on it
+    fails with :class:`unnoise.training.lock.RunInUse`). SIGTERM / SIGINT end training after the
+    current step, which is checkpointed; then :class:`unnoise.training.signals.Interrupted` is raised.
+
     Under torchrun (:mod:`unnoise.training.distributed`) each of N processes computes its N-th of every
     global batch of ``cfg.batch_size`` rows and DistributedDataParallel averages the gradients;
     the random numbers, data order, learning rate and EMA are those of one process, so the
@@ -136,8 +145,31 @@ def train(
     trains to statistically equivalent, not identical, weights on another N.) Rank 0 writes the
     run folder.
     """
+    shard, run = distributed.current(), Path(run_dir)
+    lock = RunLock(run)
+    error = None
+    if shard.main:
+        try:
+            runfolder.check_out(run, resume=resume, overwrite=overwrite)  # before touching anything
+            lock.acquire()
+            runfolder.check_out(run, resume=resume, overwrite=overwrite)  # again: another start may have won
+        except (ValueError, FileNotFoundError) as e:
+            lock.release()
+            error = e
+    if distributed.mean(float(error is not None)) > 0:  # every rank stops on rank 0's refusal
+        raise error if error is not None else RunInUse(f"{run}: rank 0 could not start the run")
+    try:
+        with StopSignals() as signals:
+            return _train(cfg, run, net, x0, labels, loss_fn, resume, overwrite, on_sample, progress, stop, signals)
+    finally:
+        lock.release()
+
+
+def _train(cfg, run, net, x0, labels, loss_fn, resume, overwrite, on_sample, progress, stop, signals) -> nn.Module:
+    """:func:`train` inside its lock and signal handlers."""
     shard, device = distributed.current(), distributed.device()
-    run = Path(run_dir)
+    if shard.main and overwrite:
+        runfolder.clear_run(run)
     if shard.main:
         run.mkdir(parents=True, exist_ok=True)
     g_noise = torch.Generator().manual_seed(cfg.seed + 1)
@@ -145,13 +177,20 @@ def train(
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState()
-    if resume and latest_checkpoint(run) is not None:
-        saved = load_checkpoint(run, model=net, ema=ema, optimizer=opt, generators={"noise": g_noise})
-        state = TrainState(saved["step"], saved["epoch"], saved["position"])
+    if resume:
+        step = latest_checkpoint(run)
+        if step is None:
+            raise FileNotFoundError(f"nothing to resume: no checkpoint in {run}")
+        saved = load_checkpoint(step, model=net, ema=ema, optimizer=opt, generators={"noise": g_noise})
+        where = str(step / "state.json")
+        state = from_dict(TrainState, {k: saved.get(k) for k in ("step", "epoch", "position")}, where)
+        if min(state.epoch, state.position) < 0:
+            raise ValueError(f"{where}: epoch and position must be >= 0, got {state.epoch}, {state.position}")
         if hasattr(loss_fn, "load_state_dict"):
-            loss_fn.load_state_dict(saved.get("objective", {}))
-    elif resume:
-        raise FileNotFoundError(f"nothing to resume: no checkpoint in {run}")
+            try:
+                loss_fn.load_state_dict(saved.get("objective", {}))
+            except (KeyError, TypeError, ValueError, RuntimeError) as e:
+                raise ValueError(f"{where}: the objective's state does not fit this run ({e})") from None
     batches = Batches(len(x0), cfg.batch_size, cfg.seed)
     batch = batches.batch_size  # global: every process computes shard.rows(batch) of it
     rows = shard.rows(batch)
@@ -188,7 +227,7 @@ def train(
             update_ema(ema, net, ema_decay(cfg, state.step))
             state.step += 1
             window.append(total)
-            stopping = stop is not None and stop(state.step)
+            stopping = (stop is not None and stop(state.step)) or signals.requested is not None
             if shard.world > 1:  # a time budget may run out on one rank first: stop together
                 stopping = distributed.mean(float(stopping)) > 0
             if log is not None and (state.step % cfg.log_every == 0 or state.step == cfg.steps or stopping):
@@ -219,6 +258,8 @@ def train(
             if stopping:
                 break
         distributed.barrier()  # rank 0's last checkpoint is on disk when any rank returns
+        if signals.requested is not None:
+            raise Interrupted(signals.requested, state.step, f"step_{state.step:08d}")
     finally:
         if log is not None:
             log.close()
@@ -253,4 +294,5 @@ def _progress(total: int, initial: int, enabled: bool):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="training", unit="step")
+    # disable=None: drawn on a terminal only, so logs and captured stderr hold messages, not bar frames
+    return tqdm(total=total, initial=initial, desc="training", unit="step", disable=None)

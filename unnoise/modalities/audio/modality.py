@@ -9,6 +9,7 @@ Frechet distance, real-time factor): :mod:`.metrics` via :func:`.pipeline.evalua
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from unnoise.modalities.audio.pipeline import (
     evaluate_audio,
     sample_audio,
 )
-from unnoise.modalities.base import TrainingData
+from unnoise.modalities.base import TrainingData, output_stem
 from unnoise.training.config import TrainConfig
 from unnoise.training.distributed import current
 from unnoise.training.objectives import Encoded
@@ -80,11 +81,19 @@ class AudioModality:
     def sample(self, run: AudioRun, **options) -> tuple[Tensor, Tensor]:
         return sample_audio(run, **options)
 
+    def sample_shape(self, run: AudioRun) -> tuple[int, ...]:
+        return (1, run.samples)
+
+    def outputs(self, out: Path) -> list[Path]:
+        stem = output_stem(out, (".png", ".wav"))
+        clips = stem.parent.glob(glob.escape(stem.name) + "_[0-9][0-9][0-9]_class*.wav")
+        return [stem.with_name(stem.name + ".png"), *sorted(clips)]
+
     def write(self, run: AudioRun, samples: tuple[Tensor, Tensor], out: Path, **options) -> list[Path]:
         if not current().main:
             return []
         waves, labels = samples
-        out = out.with_suffix("") if out.suffix in (".png", ".wav") else out
+        out = output_stem(out, (".png", ".wav"))
         written = [
             save_wav(out.with_name(f"{out.name}_{i:03d}_class{label}.wav"), wave, run.sample_rate)
             for i, (wave, label) in enumerate(zip(waves, labels.tolist(), strict=True))

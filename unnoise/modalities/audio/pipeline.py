@@ -23,6 +23,7 @@ from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.nets.wavenet import DiffWave, WaveNetConfig
 from unnoise.sampling.front import sample as run_sampler
 from unnoise.sampling.front import start_sigma
+from unnoise.schema import from_dict
 from unnoise.training.config import TrainConfig
 
 
@@ -73,8 +74,8 @@ def audio_net(cfg: TrainConfig, samples: int, num_classes: int | None) -> nn.Mod
 
 def _load_net(cfg: TrainConfig) -> nn.Module:
     if "unet" in cfg.extra:
-        return UNet(UNetConfig(**cfg.extra["unet"]))
-    return DiffWave(WaveNetConfig(**cfg.extra["wavenet"]))
+        return UNet(from_dict(UNetConfig, cfg.extra["unet"], "config.json 'extra.unet'"))
+    return DiffWave(from_dict(WaveNetConfig, cfg.extra["wavenet"], "config.json 'extra.wavenet'"))
 
 
 class AudioRun(Run):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from unnoise.modalities.base import TrainingData
+from unnoise.modalities.base import TrainingData, output_stem
 from unnoise.modalities.image.data import to_model
 from unnoise.modalities.image.demo import run_image_demo
 from unnoise.modalities.image.io import save_grid, save_npz, save_trajectory, trajectory_frames
@@ -23,6 +23,7 @@ from unnoise.modalities.image.metrics import evaluate_images
 from unnoise.modalities.image.pipeline import dataset, grid_scale, sample_images, sample_images_sharded
 from unnoise.modalities.run import Run
 from unnoise.nets.unet import UNet, UNetConfig
+from unnoise.schema import from_dict
 from unnoise.training.config import TrainConfig
 from unnoise.training.distributed import current
 from unnoise.training.objectives import Encoded
@@ -61,7 +62,7 @@ class ImageModality:
     def load(self, config: dict[str, Any], cfg: TrainConfig) -> UNet:
         if "net" not in config:
             raise ValueError("an image run's config.json needs a 'net' section (the U-Net's settings)")
-        return UNet(UNetConfig(**config["net"]))
+        return UNet(from_dict(UNetConfig, config["net"], "config.json 'net'"))
 
     def network(self, model: UNet):
         return model
@@ -80,11 +81,19 @@ class ImageModality:
         images, labels = sample_images_sharded(run, trajectory=steps, **options)
         return {"images": images, "labels": labels, "trajectory": steps}
 
+    def sample_shape(self, run: Run) -> tuple[int, ...]:
+        c = run.model.config
+        return (c.in_channels, c.image_size, c.image_size)
+
+    def outputs(self, out: Path) -> list[Path]:
+        stem = output_stem(out, (".png", ".npz"))
+        return [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".npz")]
+
     def write(self, run: Run, samples: dict[str, Any], out: Path, **options) -> list[Path]:
         if not current().main:
             return []
         images, labels = samples["images"], samples["labels"]
-        out = out.with_suffix("") if out.suffix in (".png", ".npz") else out
+        out = output_stem(out, (".png", ".npz"))
         k = run.model.config.num_classes
         nrow = min(len(images), k) if k and options.get("class_id") is None else None
         scale = grid_scale(images)

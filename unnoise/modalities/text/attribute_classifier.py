@@ -26,6 +26,7 @@ from unnoise.modalities.text.pipeline import load_text_run, text_data
 from unnoise.nets.layers import timestep_embedding
 from unnoise.nets.transformer import Block
 from unnoise.schedules import DiscreteSchedule
+from unnoise.schema import from_dict
 from unnoise.training.checkpoint import load_module, read_module_meta, save_module
 
 __all__ = [
@@ -244,8 +245,8 @@ def load_classifier(run_dir: str | Path) -> AttributeClassifier:
         ) from None
     try:
         with torch.random.fork_rng(devices=[]):  # the weights are overwritten: leave the global stream alone
-            classifier = AttributeClassifier(ClassifierConfig(**meta["config"]))
-    except (KeyError, TypeError) as e:
+            classifier = AttributeClassifier(from_dict(ClassifierConfig, meta["config"], str(folder / "meta.json")))
+    except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{folder / 'meta.json'} is not a classifier config written by save_classifier: {e}") from None
     load_module(folder, classifier)  # checks names and shapes; no pickle
     classifier.metrics = meta.get("metrics", {})

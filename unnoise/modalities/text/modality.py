@@ -24,6 +24,7 @@ from unnoise.modalities.text.io import save_sentences
 from unnoise.modalities.text.metrics import evaluate_lines
 from unnoise.modalities.text.pipeline import DiffusionLM, TextRun, encode_mrs, mr_tokens, sample_text, text_data
 from unnoise.nets.transformer import TransformerConfig
+from unnoise.schema import from_dict
 from unnoise.training.config import TrainConfig
 from unnoise.training.objectives import Encoded
 
@@ -96,7 +97,8 @@ class TextModality:
 
     def load(self, config: dict[str, Any], cfg: TrainConfig) -> DiffusionLM:
         tokenizer = Tokenizer.from_json(cfg.extra["tokenizer"])
-        return DiffusionLM(TransformerConfig(**cfg.extra["transformer"]), tokenizer.vocab_size)
+        config = from_dict(TransformerConfig, cfg.extra["transformer"], "config.json 'extra.transformer'")
+        return DiffusionLM(config, tokenizer.vocab_size)
 
     def network(self, model: DiffusionLM):
         return model.net
@@ -117,9 +119,14 @@ class TextModality:
             return sample_with_control(run, control, 3.0 if control_scale is None else control_scale, **options)
         return sample_text(run, **options)
 
+    def sample_shape(self, run: TextRun) -> tuple[int, ...]:
+        return (run.seq_len, int(run.cfg.extra["transformer"]["embed_dim"]))
+
+    def outputs(self, out: Path) -> list[Path]:
+        return [out if out.suffix in (".txt", ".jsonl") else out.with_name(out.name + ".txt")]
+
     def write(self, run: TextRun, samples: list[str], out: Path, **options) -> list[Path]:
-        out = out if out.suffix in (".txt", ".jsonl") else out.with_name(out.name + ".txt")
-        return [save_sentences(out, samples)]
+        return [save_sentences(self.outputs(out)[0], samples)]
 
     def evaluate(self, run: TextRun, **options) -> list[str]:
         return evaluate_lines(run, **options)

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from unnoise.modalities.base import TrainingData
+from unnoise.modalities.base import TrainingData, output_stem
 from unnoise.modalities.run import Run
 from unnoise.modalities.toy.demo import DemoConfig, run_demo
 from unnoise.modalities.toy.io import save_points, save_points_npz
@@ -66,8 +66,15 @@ class ToyModality:
     def sample(self, run: Run, **options) -> Tensor:
         return sample_points(run, **options)
 
+    def sample_shape(self, run: Run) -> tuple[int, ...]:
+        return (2,)
+
+    def outputs(self, out: Path) -> list[Path]:
+        stem = output_stem(out, (".png", ".npz"))
+        return [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".npz")]
+
     def write(self, run: Run, samples: Tensor, out: Path, **options) -> list[Path]:
-        out = out.with_suffix("") if out.suffix in (".png", ".npz") else out
+        out = output_stem(out, (".png", ".npz"))
         png = save_points(out.with_name(out.name + ".png"), samples, points(run.cfg, "test"))
         return [png, save_points_npz(out.with_name(out.name + ".npz"), samples)]
 
