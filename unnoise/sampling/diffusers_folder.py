@@ -278,7 +278,10 @@ def load_diffusers_folder(
     scheduler = type(str(config.get("_class_name", "Scheduler")), (SimpleNamespace,), {})
     base = from_diffusers_unet(None, scheduler(config=config, betas=betas_from_config(config)))
     weights = _read_weights(folder / "unet")
-    from diffusers import UNet2DModel
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise ImportError("reading a diffusers folder needs diffusers: pip install 'unnoise[diffusers]'") from None
 
     unet = UNet2DModel.from_config({k: v for k, v in unet_config.items() if not k.startswith("_")})
     try:
