@@ -290,11 +290,12 @@ def load_diffusers_folder(
         raise ValueError(
             f"{folder / 'unet' / WEIGHTS} does not fit its config.json: {str(e).splitlines()[0]}"
         ) from None
+    unet = unet if dtype == torch.float32 else unet.to(dtype=dtype)  # .to() alone makes diffusers warn
     size = unet_config.get("sample_size", 32)
     hw = (size, size) if isinstance(size, int) else tuple(size)
     clip = bool(config.get("clip_sample") or config.get("thresholding")) if clip is None else clip
     return DiffusersModel(
-        unet.to(dtype=dtype).eval(), base.schedule, (int(unet_config.get("in_channels", 3)), *hw),
+        unet.eval(), base.schedule, (int(unet_config.get("in_channels", 3)), *hw),
         unet_config.get("num_class_embeds"), config, clip, folder, base,
     )  # fmt: skip
 
