@@ -18,7 +18,7 @@ $(VENV)/.dev: $(VENV)/.base
 	touch $@
 
 demo: $(VENV)/.base
-	$(BIN)/unnoise demo
+	$(BIN)/unnoise demo --overwrite
 
 test: $(VENV)/.dev
 	$(BIN)/ruff check .

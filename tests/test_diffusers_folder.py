@@ -283,3 +283,27 @@ def test_unnoise_at_10_nfe_is_closer_to_the_1000_step_result_than_diffusers(clas
     for name, d in sorted(theirs.items(), key=lambda kv: kv[1]):
         print(f"  diffusers {name}: {d:.4f}")
     assert ours < 0.6 * min(theirs.values()), (ours, theirs)
+
+
+def test_the_cli_samples_a_folder_as_the_python_api_does(class_folder, tmp_path, capsys):
+    from unnoise.cli.main import main
+
+    argv = ["sample", "--diffusers", str(class_folder), "--sampler", "ddim", "--nfe", "5", "--n", "4", "--class", "3"]
+    assert main([*argv, "--out", str(tmp_path / "s")]) == 0
+    saved = np.load(tmp_path / "s.npz")
+    images, labels = sample_diffusers_folder(class_folder, sampler="ddim", nfe=5, n=4, class_id=3)
+    assert np.array_equal(saved["images"], images.permute(0, 2, 3, 1).numpy()) and (saved["labels"] == 3).all()
+    assert (tmp_path / "s.png").is_file()
+    capsys.readouterr()
+    for bad, says in [
+        ([*argv, "--out", str(tmp_path / "s")], "s.png exists; pass --overwrite"),
+        ([*argv, "--out", str(tmp_path / "t"), "--template", "a ___"], "--diffusers takes"),
+        (["sample", "--diffusers", str(tmp_path), "--out", str(tmp_path / "u")], "model_index.json"),
+        ([*argv, "--run", str(tmp_path), "--out", str(tmp_path / "t")], "not allowed with argument"),
+    ]:
+        try:
+            status = main(bad)
+        except SystemExit as e:
+            status = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 2 and len(err) == 1 and says in err[0], err

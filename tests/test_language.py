@@ -101,8 +101,8 @@ def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     assert main([*sample, "--mr", mr, "--guidance", "2", "--out", str(tmp_path / "s")]) == 0
     assert len((tmp_path / "s.txt").read_text().splitlines()) == 3
     capsys.readouterr()
-    _one_line_exit_2([*sample, "--mr", "food[Martian]", "--out", str(tmp_path / "s")], capsys, "food=Martian")
-    _one_line_exit_2([*sample, "--mr", "colour[red]", "--out", str(tmp_path / "s")], capsys, "colour")
+    _one_line_exit_2([*sample, "--mr", "food[Martian]", "--out", str(tmp_path / "bad")], capsys, "food=Martian")
+    _one_line_exit_2([*sample, "--mr", "colour[red]", "--out", str(tmp_path / "bad")], capsys, "colour")
     # Control by the attribute classifier: train it, steer toward a food, and the CLI's errors.
     assert main(["train", "control", "--out", str(tmp_path / "run"), "--steps", "3"]) == 0
     assert (tmp_path / "run" / "control" / "weights.safetensors").is_file()
@@ -111,6 +111,7 @@ def test_data_to_text_on_e2e_with_guidance(tmp_path, capsys):
     assert main([*steer, "--control", "food=Chinese", "--control-scale", "5"]) == 0
     assert len((tmp_path / "c.txt").read_text().splitlines()) == 3
     capsys.readouterr()
+    steer[-1] = str(tmp_path / "bad")  # c.txt exists now: a refusal must not be about that
     _one_line_exit_2([*steer, "--control", "food"], capsys, "--control takes FIELD=VALUE")
     _one_line_exit_2([*steer, "--control", "colour=red"], capsys, "colour")
     _one_line_exit_2([*steer, "--control", "food=Martian"], capsys, "Martian")

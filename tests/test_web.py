@@ -237,3 +237,19 @@ def test_raw_dot_dot_paths_are_refused_by_the_real_server(server):
         body = answer.read()
         connection.close()
         assert answer.status == 404 and b'"train"' not in body, path
+
+
+def test_unnoise_serve_refuses_a_bad_run_or_a_taken_port_in_one_line(image_run, tmp_path, capsys):
+    from unnoise.cli.main import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for argv, says in [
+            (["serve", "--run", str(tmp_path / "nope"), "--port", port], "cannot serve on 127.0.0.1:"),
+            (["serve", "--run", str(tmp_path / "nope"), "--port", str(_free_port())], "no run folder"),
+        ]:
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and says in err[0], err

@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
     if shard.world > 1:
         distributed.stop_on_sigterm()
     try:
-        {"train": _train, "sample": _sample, "eval": _eval, "demo": _demo}[args.command](args)
+        {"train": _train, "sample": _sample, "eval": _eval, "demo": _demo, "serve": _serve}[args.command](args)
     except Interrupted as e:  # SIGTERM / SIGINT during training: checkpointed, then stopped
         if shard.main:
             print(f"unnoise train: {e}{_resume_hint(args)}", file=sys.stderr)
@@ -218,6 +218,8 @@ def _check_eta(sampler: str, eta: float | None) -> None:
 
 
 def _sample(args: argparse.Namespace) -> None:
+    if args.diffusers is not None:
+        return _sample_diffusers(args)
     run = _load(args, expect=args.modality)
     names = ("template", "mr", "control", "control_scale", "guidance", "class_id", "eta", "grid", "trajectory")
     given = _options(args, names, {"guidance": 1.0})
@@ -244,6 +246,50 @@ def _sample(args: argparse.Namespace) -> None:
         )
     if isinstance(samples, list):  # sentences: show a few
         _say(*("   " + s for s in samples[:5]))
+
+
+def _sample_diffusers(args: argparse.Namespace) -> None:
+    """``sample --diffusers FOLDER``: a diffusers UNet2DModel pipeline, sampled by any unnoise sampler."""
+    from unnoise.sampling.diffusers_folder import (
+        load_diffusers_folder,
+        sample_diffusers_folder,
+        write_diffusers_samples,
+    )
+    from unnoise.sampling.samplers import SAMPLERS
+
+    if args.modality not in (None, "image"):
+        raise ValueError(f"--diffusers reads image pipelines (UNet2DModel), not {args.modality}")
+    given = _options(args, ("template", "mr", "control", "control_scale", "trajectory"), {})
+    if given:
+        raise ValueError(f"--diffusers takes --class, --guidance, --eta, --grid; not {', '.join(map(_flag, given))}")
+    args.sampler = args.sampler or "dpmpp_2m"
+    if args.sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    _check_eta(args.sampler, args.eta)
+    outputs = [args.out.with_suffix("") if args.out.suffix in (".png", ".npz") else args.out]
+    check_outputs([outputs[0].with_name(outputs[0].name + s) for s in (".png", ".npz")], args.overwrite)
+    model = load_diffusers_folder(args.diffusers)
+    check_sample_memory(args.n, model.shape)
+    eta = {} if args.eta is None else {"eta": args.eta}
+    images, labels = sample_diffusers_folder(
+        model, sampler=args.sampler, nfe=args.nfe, n=args.n, seed=args.seed, class_id=args.class_id,
+        guidance=args.guidance, grid=args.grid, **eta,
+    )  # fmt: skip
+    written = write_diffusers_samples(outputs[0], images, labels)
+    _say(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import socket
+
+    from unnoise.web.app import serve
+
+    try:  # a taken port is one line here, not the server's log after the page is built
+        with socket.create_server((args.host, args.port)):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e} (choose another --port)") from None
+    serve(args.run, host=args.host, port=args.port)
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
             "audio: digit accuracy, Frechet distance, real-time factor; toy: NLL against the closed form",
         )
     )
+    serve = sub.add_parser("serve", help="a local web page to sample a run: pip install 'unnoise[web]'")
+    serve.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help="run folder")
+    serve.add_argument("--port", type=positive_int, default=7860)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     demo = sub.add_parser("demo", help="train a small model on built-in data; write pictures and figures")
     kinds = ["images", *(k for k in REGISTRY if k != "image")]
     demo.add_argument("kind", nargs="?", choices=kinds, default="images", help="default: images (digits)")
@@ -122,7 +126,15 @@ def _train(train: argparse.ArgumentParser) -> None:
 
 def _sample(sample: argparse.ArgumentParser) -> None:
     sample.add_argument("modality", nargs="?", choices=list(REGISTRY), help="optional: must match the run")
-    sample.add_argument("--run", "--run-dir", dest="run", type=Path, required=True, help=_RUN_HELP)
+    source = sample.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", "--run-dir", dest="run", type=Path, help=_RUN_HELP)
+    source.add_argument(
+        "--diffusers",
+        type=Path,
+        metavar="FOLDER",
+        help="a diffusers pipeline folder (DDPMPipeline.save_pretrained: model_index.json, unet/, scheduler/); "
+        "safetensors only; grid 'scheduler' follows its own timestep spacing",
+    )
     sample.add_argument("--template", default=None, help='text: fill the blanks, e.g. "the ___ is near the ___ ."')
     sample.add_argument(
         "--mr", default=None, help='text: data-to-text from an E2E MR, e.g. "name[Aromi], food[Chinese]"'
