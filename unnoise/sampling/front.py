@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from unnoise.sampling.grids import make_grid
@@ -72,15 +73,20 @@ def sample(
     img2img). The grid has ``steps_for_nfe(sampler, nfe)`` steps from sigma_max to sigma_min, then
     0; ``grid=None`` takes the sampler's best measured grid (:data:`DEFAULT_GRIDS`). Uniform-t
     grids need ``schedule`` (or a denoiser with a ``.schedule``). ``options`` go to the sampler
-    (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget and its own adaptive steps.
+    (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget (at least 2) and its own
+    adaptive steps from sigma_max to sigma_min; pass ``info={}`` to read the method and the
+    tolerance it reached (:func:`unnoise.sampling.classical.sample_rk45`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
     schedule = schedule if schedule is not None else getattr(denoise, "schedule", None)
-    n = steps_for_nfe(sampler, nfe) if sampler != "rk45" else 2
-    sigmas = make_grid(grid or DEFAULT_GRIDS[sampler], n, sigma_min, sigma_max, schedule=schedule, sampler=sampler)
+    if sampler == "rk45" and grid is None:  # rk45 places its own steps between sigma_max and sigma_min
+        sigmas = torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
+    else:
+        n = steps_for_nfe(sampler, nfe) if sampler != "rk45" else 2
+        sigmas = make_grid(grid or DEFAULT_GRIDS[sampler], n, sigma_min, sigma_max, schedule=schedule, sampler=sampler)
     counted = CountingDenoiser(denoise)
     if sampler == "rk45":
         options.setdefault("max_nfe", nfe)

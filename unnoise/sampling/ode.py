@@ -33,6 +33,8 @@ class ODEStats:
     nfe: int = 0  # function evaluations
     accepted: int = 0
     rejected: int = 0
+    t: float = 0.0  # where the integration stopped (t1 unless the budget ran out with stop=True)
+    max_error: float = 0.0  # largest scaled error norm of an accepted step (<= 1)
 
 
 def _tree_axpy(y: tuple[Tensor, ...], h: float, terms: list[tuple[float, tuple[Tensor, ...]]]) -> tuple[Tensor, ...]:
@@ -57,15 +59,18 @@ def solve_rk45(
     atol: float = 1e-5,
     max_nfe: int | None = None,
     first_step: float | None = None,
+    stop: bool = False,
 ) -> tuple[tuple[Tensor, ...], ODEStats]:
     """Integrate dy/dt = f(t, y) from t0 to t1 (either direction) with error control.
 
     ``y`` is a tuple of tensors (state and, e.g., a log-density accumulator). The error of each
     step is the RMS over all elements of err / (atol + rtol max(|y|, |y_new|)); a step is
     accepted when it is <= 1 (Hairer, Norsett and Wanner, II.4). ``max_nfe`` caps the work: if
-    it would be exceeded, a ValueError says which tolerance to loosen.
+    it would be exceeded, a ValueError says which tolerance to loosen; with ``stop=True`` the
+    solver instead returns the last accepted state before a step it could not pay for (6
+    evaluations), with ``stats.t`` the time it reached, so a caller can finish another way.
     """
-    stats = ODEStats()
+    stats = ODEStats(t=t0)
     direction = 1.0 if t1 >= t0 else -1.0
     span = abs(t1 - t0)
     if span == 0:
@@ -84,6 +89,8 @@ def solve_rk45(
     k1 = call(t, y)
     h = first_step if first_step is not None else span / 10
     while direction * (t1 - t) > 1e-12 * span:
+        if stop and max_nfe is not None and stats.nfe + 6 > max_nfe:
+            break
         h = min(h, abs(t1 - t))
         hs = direction * h
         ks = [k1]
@@ -103,9 +110,11 @@ def solve_rk45(
         if err <= 1.0:
             t, y, k1 = t + hs, y_new, k7
             stats.accepted += 1
+            stats.max_error = max(stats.max_error, err)
         else:
             stats.rejected += 1
         # Standard controller with safety 0.9, growth limited to [0.2, 10].
         factor = 10.0 if err == 0 else min(10.0, max(0.2, 0.9 * err ** (-1 / 5)))
         h = h * factor
+    stats.t = t if direction * (t1 - t) > 1e-12 * span else t1
     return y, stats
