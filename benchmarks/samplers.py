@@ -12,8 +12,15 @@ schedule's sigma_max and spends at most NFE denoiser calls. Printed per configur
   exact draws); the "exact ODE" row shows the floor these have for this many samples;
 - per-step overhead with a zero-cost model, unnoise vs diffusers.
 
-Run: python benchmarks/samplers.py            (about 10 minutes on 2 CPU cores)
-     python benchmarks/samplers.py --quick    (2-D only, NFE 5 and 10)
+Per-sample error statistics: RMS, median, p90 and max of the per-sample RMS error, and the
+mode-flip rate (share of samples whose most responsible component differs from that of the
+exact ODE solution from the same noise). After the fixed cases, the validation family:
+:mod:`sampler_validation` (random mixtures drawn as benchmarks/mixtures.py documents, with a
+seed that grid fitting never uses; linear, cosine and EDM ranges; NFE 5, 10, 20).
+
+Run: python benchmarks/samplers.py            (fixed cases ~10 min, then 50 validation mixtures)
+     python benchmarks/samplers.py --quick    (2-D only, NFE 5 and 10; 6 validation mixtures)
+     python benchmarks/samplers.py --validation-only [--validation 50] [--samples 64]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import warnings
 from functools import partial
 
 import torch
+from mixtures import mixture_32d
 
 import unnoise
 from unnoise.metrics import frechet_distance
@@ -36,23 +44,6 @@ from unnoise.sampling.samplers import SAMPLERS
 f64 = torch.float64
 OURS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_bh1", "unipc_3", "lms"]
 SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # unnoise name -> diffusers name
-
-
-def mixture_32d(separation: float = 0.5) -> GaussianMixture:
-    """8 anisotropic components in 32-D (per-dimension stds over ~e^4), weights 0.3 down to 0.03.
-
-    ``separation`` scales the means: 0.5 puts neighbouring components a few of their largest
-    stds apart, like classes of real data; 1.5 separates them by ~100 stds (the "far" stress case,
-    where the RMS error is dominated by the rare samples that end in another mode).
-    """
-    g = torch.Generator().manual_seed(32)
-    k, d = 8, 32
-    means = separation * torch.randn(k, d, generator=g, dtype=f64)
-    a = 0.25 * torch.randn(k, d, d, generator=g, dtype=f64) / math.sqrt(d)
-    scales = torch.exp(torch.randn(k, d, generator=g, dtype=f64))  # anisotropic: stds over ~e^4
-    covs = a @ a.transpose(1, 2) + torch.diag_embed(0.01 * scales**2)
-    weights = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.07, 0.05, 0.03], dtype=f64)
-    return GaussianMixture(weights, means, covs)
 
 
 def diffusers_configs(schedule: str) -> dict[str, tuple[str, dict]]:
@@ -78,15 +69,13 @@ def reference_solution(mix: GaussianMixture, x: torch.Tensor, sigma_max: float) 
 
 def metrics(mix: GaussianMixture, out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     if not torch.isfinite(out).all():
-        return {"rms": math.inf, "median": math.inf, "fd": math.inf, "modes": math.inf}
-    err = out - ref
-    per_sample = err.pow(2).mean(1).sqrt()
+        return dict.fromkeys(("rms", "median", "p90", "max", "flip", "fd", "modes"), math.inf)
+    from sampler_validation import per_sample
+
     mean, cov = out.mean(0), torch.cov(out.T).reshape(mix.dim, mix.dim)
     true_mean, true_cov = mix.weights @ mix.means, mix.covariance()
     fd = frechet_distance(mean.numpy(), cov.numpy(), true_mean.numpy(), true_cov.numpy())
-    return {
-        "rms": err.pow(2).mean().sqrt().item(),
-        "median": per_sample.median().item(),
+    return per_sample(mix, out, ref) | {
         "fd": fd,
         "modes": 0.5 * (_shares(mix, out) - _true_shares(mix)).abs().sum().item(),
     }
@@ -175,7 +164,7 @@ def evaluate(label: str, mix: GaussianMixture, n: int, schedule: str, nfes: list
 
 def print_config_table(rows: list[dict], nfes: list[int]) -> None:
     config = rows[0]["config"]
-    print(f"\n### {config}: RMS ODE error (median per-sample RMS) | FD | mode-weight TV, by NFE")
+    print(f"\n### {config}: RMS ODE error (per-sample median, p90, max; mode-flip rate) | FD | mode-weight TV")
     print("| side | method | " + " | ".join(f"NFE {k}" for k in nfes) + " |")
     print("|---|---|" + "---|" * len(nfes))
     for side in ("reference", "unnoise", "diffusers"):
@@ -187,7 +176,8 @@ def print_config_table(rows: list[dict], nfes: list[int]) -> None:
                 if "failure" in r:
                     cells.append(f"fails: {r['failure']}")
                 else:
-                    cells.append(f"{r['rms']:.2e} ({r['median']:.1e}) / {r['fd']:.1e} / {r['modes']:.3f}")
+                    tail = f"{r['median']:.1e}, {r['p90']:.1e}, {r['max']:.1e}; {r['flip']:.3f}"
+                    cells.append(f"{r['rms']:.2e} ({tail}) / {r['fd']:.1e} / {r['modes']:.3f}")
             grid = f" [{DEFAULT_GRIDS[m]}]" if side == "unnoise" else ""
             print(f"| {side} | {m}{grid} | " + " | ".join(cells) + " |")
 
@@ -253,8 +243,16 @@ def _best_time(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2-D mixture only, NFE 5 and 10")
+    parser.add_argument("--quick", action="store_true", help="2-D mixture only, NFE 5 and 10; 6 validation mixtures")
+    parser.add_argument("--validation", type=int, default=None, help="mixtures of the validation family (50)")
+    parser.add_argument("--samples", type=int, default=64, help="samples per validation mixture (64)")
+    parser.add_argument("--validation-only", action="store_true", help="skip the fixed cases and the overhead")
     args = parser.parse_args()
+    count = args.validation if args.validation is not None else 6 if args.quick else 50
+    if args.validation_only:
+        from sampler_validation import run
+
+        return run(count, args.samples, [5, 10, 20])
     nfes = [5, 10] if args.quick else [5, 10, 20, 50]
     problems = [("2d", ring_mixture(), 2000)]
     if not args.quick:
@@ -268,6 +266,10 @@ def main() -> None:
     met = summary(all_rows, nfes)
     overhead([(64, 2), (16, 3, 32, 32)] if args.quick else [(64, 2), (256, 32), (16, 3, 64, 64)])
     print(f"\ngoal (unnoise's best <= 0.5 x diffusers' best at NFE 5, 10, 20 everywhere): {'met' if met else 'MISSED'}")
+    if count:
+        from sampler_validation import run
+
+        run(count, args.samples, [5, 10, 20])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ import sys
 
 import numpy as np
 import torch
-from samplers import mixture_32d, reference_solution
+from mixtures import mixture_32d
+from samplers import reference_solution
 
 import unnoise
 from unnoise.modalities.toy.data import ring_mixture
