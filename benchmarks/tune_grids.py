@@ -1,22 +1,23 @@
 """Fit each sampler's default grid: the density_grid parameters with the smallest ODE error.
 
 For each sampler and each NFE in (5, 10, 20, 50), the objective is the mean log RMS error,
-against a high-accuracy PF-ODE solution, over the benchmark's six problems (2-D, 32-D and
-32-D-far mixtures x linear and cosine schedules), on noise drawn with another seed than
-benchmarks/samplers.py uses. Prints the fitted parameters, keyed by the number of grid steps,
-as unnoise.sampling.grids.TUNED holds them.
+against a high-accuracy PF-ODE solution, over the fitting family: ``--count`` random mixtures
+drawn by benchmarks/mixtures.py with FIT_SEED (never the validation seed of
+benchmarks/samplers.py, and not the benchmark's fixed cases), each under the linear and cosine
+DDPM schedules (T = 1000) and the EDM range, 64 samples each. ``--fixed`` fits on the
+benchmark's six fixed problems instead (how the current TUNED table was fitted). Prints the
+fitted parameters, keyed by the number of grid steps, as unnoise.sampling.grids.TUNED holds them.
 
-Run: python benchmarks/tune_grids.py [sampler ...]   (about a minute per sampler)
+Run: python benchmarks/tune_grids.py [--count 30] [--fixed] [sampler ...]
 """
 
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 import torch
-from mixtures import mixture_32d
+from mixtures import FIT_SEED, family, mixture_32d
 from samplers import reference_solution
 
 import unnoise
@@ -24,16 +25,22 @@ from unnoise.modalities.toy.data import ring_mixture
 from unnoise.sampling.front import steps_for_nfe
 from unnoise.sampling.grids import density_grid
 from unnoise.sampling.samplers import SAMPLERS
+from unnoise.schedules import EDMRange
 
 f64 = torch.float64
 NFES = (5, 10, 20, 50)
 
 
-def problems(seed: int = 1):
+def problems(fixed: bool = False, count: int = 30, seed: int = 1):
+    if fixed:
+        cases = [(ring_mixture(), 400), (mixture_32d(), 200), (mixture_32d(1.5), 200)]
+        schedules = [unnoise.make_schedule(s, 1000) for s in ("linear", "cosine")]
+    else:
+        cases = [(mix, 64) for _, mix in family(FIT_SEED, count)]
+        schedules = [unnoise.make_schedule(s, 1000) for s in ("linear", "cosine")] + [EDMRange()]
     out = []
-    for mix, n in ((ring_mixture(), 400), (mixture_32d(), 200), (mixture_32d(1.5), 200)):
-        for schedule in ("linear", "cosine"):
-            sched = unnoise.make_schedule(schedule, 1000)
+    for mix, n in cases:
+        for sched in schedules:
             x = sched.sigma_max * torch.randn(n, mix.dim, generator=torch.Generator().manual_seed(seed), dtype=f64)
             out.append((mix, sched, x, reference_solution(mix, x, sched.sigma_max)))
     return out
@@ -81,8 +88,14 @@ def fit(name: str, nfe: int, probs, warm: np.ndarray | None) -> tuple[np.ndarray
 
 
 def main() -> None:
-    names = sys.argv[1:] or ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_bh1", "lms"]
-    probs = problems()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("samplers", nargs="*", default=["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_bh1"])
+    parser.add_argument("--count", type=int, default=30, help="mixtures of the fitting family")
+    parser.add_argument("--fixed", action="store_true", help="fit on the benchmark's fixed cases instead")
+    args = parser.parse_args()
+    names, probs = args.samplers, problems(args.fixed, args.count)
     for name in names:
         warm, lines = None, []
         for nfe in NFES:
