@@ -288,7 +288,8 @@ def _serve(args: argparse.Namespace) -> None:
         with socket.create_server((args.host, args.port)):
             pass
     except OSError as e:
-        raise ValueError(f"cannot serve on {args.host}:{args.port}: {e.strerror or e} (choose another --port)") from None
+        where = f"{args.host}:{args.port}"
+        raise ValueError(f"cannot serve on {where}: {e.strerror or e} (choose another --port)") from None
     serve(args.run, host=args.host, port=args.port)
 
 
