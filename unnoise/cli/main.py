@@ -250,6 +250,7 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _sample_diffusers(args: argparse.Namespace) -> None:
     """``sample --diffusers FOLDER``: a diffusers UNet2DModel pipeline, sampled by any unnoise sampler."""
+    from unnoise.modalities.base import output_stem
     from unnoise.sampling.diffusers_folder import (
         load_diffusers_folder,
         sample_diffusers_folder,
@@ -266,8 +267,8 @@ def _sample_diffusers(args: argparse.Namespace) -> None:
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}")
     _check_eta(args.sampler, args.eta)
-    outputs = [args.out.with_suffix("") if args.out.suffix in (".png", ".npz") else args.out]
-    check_outputs([outputs[0].with_name(outputs[0].name + s) for s in (".png", ".npz")], args.overwrite)
+    stem = output_stem(args.out, (".png", ".npz"))
+    check_outputs([stem.with_name(stem.name + s) for s in (".png", ".npz")], args.overwrite)
     model = load_diffusers_folder(args.diffusers)
     check_sample_memory(args.n, model.shape)
     eta = {} if args.eta is None else {"eta": args.eta}
@@ -275,7 +276,7 @@ def _sample_diffusers(args: argparse.Namespace) -> None:
         model, sampler=args.sampler, nfe=args.nfe, n=args.n, seed=args.seed, class_id=args.class_id,
         guidance=args.guidance, grid=args.grid, **eta,
     )  # fmt: skip
-    written = write_diffusers_samples(outputs[0], images, labels)
+    written = write_diffusers_samples(stem, images, labels)
     _say(f"wrote {', '.join(str(p) for p in written)}")
 
 

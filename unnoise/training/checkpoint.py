@@ -162,7 +162,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     steps = _step_folders(root)
     if not steps:
         return None
-    if not any(integrity.has_manifest(p) for p in steps):
+    if _legacy(root):
         named = (root / "latest").read_text(encoding="utf-8").strip() if (root / "latest").is_file() else ""
         return root / named if _STEP.fullmatch(named) and (root / named).is_dir() else steps[-1]
     skipped: list[str] = []
