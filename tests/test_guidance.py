@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from unnoise.guidance import classifier_free, classifier_guidance, inpaint
+from unnoise.guidance import autoguidance, classifier_free, classifier_guidance, conditioned, inpaint
 from unnoise.modalities.toy.data import GaussianMixture
 
 f64 = torch.float64
@@ -235,3 +235,103 @@ def test_inpaint_rejects_bad_input():
     with pytest.raises(ValueError, match="generators"):
         gens = [torch.Generator() for _ in range(3)]
         inpaint(mix.denoise, known, torch.ones(4, 2), generator=gens)(torch.zeros(4, 2, dtype=f64), torch.tensor(1.0))
+
+
+# ---- autoguidance ---------------------------------------------------------------------------------
+
+
+def _broadened(mix: GaussianMixture, factor: float) -> GaussianMixture:
+    """A "bad" model of ``mix``: the same modes, each covariance ``factor`` times wider (an
+    under-fitted model spreads its mass, Karras et al. 2024, Sec. 3)."""
+    return GaussianMixture(mix.weights, mix.means, factor * mix.covs)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 1.0, 2.5])
+@pytest.mark.parametrize("per_sample_sigma", [False, True])
+def test_autoguidance_score_is_that_of_p_good_to_the_w_times_p_bad_to_the_1_minus_w(scale, per_sample_sigma):
+    """Karras et al. 2024, Sec. 3: the guided score is grad log (p_good^w p_bad^(1 - w)) at every noise
+    level; checked against autograd on the two mixtures' exact noisy log densities."""
+    good = _two_class_mixture()
+    bad = _broadened(good, 2.0)
+    g = torch.Generator().manual_seed(2)
+    x = 2 * torch.randn(16, 2, generator=g, dtype=f64)
+    sigma = torch.logspace(-2, 1, 16, dtype=f64) if per_sample_sigma else torch.tensor(0.7, dtype=f64)
+    out = autoguidance(good.denoise, bad.denoise, scale)(x, sigma)
+    xg = x.clone().requires_grad_(True)
+    log_p = scale * good.log_prob(xg, sigma) + (1 - scale) * bad.log_prob(xg, sigma)
+    (score,) = torch.autograd.grad(log_p.sum(), xg)
+    s = sigma if sigma.ndim == 0 else sigma[:, None]
+    torch.testing.assert_close(out, x + s**2 * score, rtol=0, atol=1e-10)  # D = x + sigma^2 score
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.8, 10.0])
+def test_autoguidance_on_gaussians_has_the_closed_form(sigma):
+    """Good N(mu, s_g^2 I), bad N(mu, s_b^2 I), v = s^2 + sigma^2: guided score -(x - mu)(w / v_g -
+    (w - 1) / v_b), so D = mu + (1 - sigma^2 (w / v_g - (w - 1) / v_b)) (x - mu)."""
+    mu, s_g, s_b, w = MU[0], 0.7, 1.3, 2.0
+    x = 3 * torch.randn(5, 3, dtype=f64)
+    out = autoguidance(gaussian_denoiser(mu, s_g), gaussian_denoiser(mu, s_b), w)(x, torch.tensor(sigma, dtype=f64))
+    v_g, v_b = s_g**2 + sigma**2, s_b**2 + sigma**2
+    torch.testing.assert_close(out, mu + (1 - sigma**2 * (w / v_g - (w - 1) / v_b)) * (x - mu), rtol=0, atol=1e-12)
+
+
+def test_autoguidance_is_the_same_in_eps_space_and_its_ends_are_the_two_models():
+    good = _two_class_mixture()
+    bad = _broadened(good, 3.0)
+    x = torch.randn(8, 2, dtype=f64)
+    sigma = torch.linspace(0.1, 4.0, 8, dtype=f64)
+    s = sigma[:, None]
+    eps_good, eps_bad = (x - good.denoise(x, sigma)) / s, (x - bad.denoise(x, sigma)) / s
+    for w in (0.0, 1.0, 1.7, 3.0):
+        eps = eps_bad + w * (eps_good - eps_bad)  # the same combination of the noise predictions
+        torch.testing.assert_close(
+            autoguidance(good.denoise, bad.denoise, w)(x, sigma), x - s * eps, rtol=0, atol=1e-12
+        )
+    torch.testing.assert_close(autoguidance(good.denoise, bad.denoise, 1.0)(x, sigma), good.denoise(x, sigma))
+    torch.testing.assert_close(autoguidance(good.denoise, bad.denoise, 0.0)(x, sigma), bad.denoise(x, sigma))
+    # a model guided by itself is itself, at any scale
+    torch.testing.assert_close(autoguidance(good.denoise, good.denoise, 2.5)(x, sigma), good.denoise(x, sigma))
+
+
+class _BadConditional(Counting):
+    """A "bad" conditional model: the exact one of classes twice as wide (S * sqrt(2))."""
+
+    def __call__(self, x, sigma, labels):
+        self.calls += 1
+        sigma = torch.as_tensor(sigma, dtype=x.dtype)
+        wide = GaussianMixture(torch.ones(3), MU, 2 * S**2 * torch.eye(3, dtype=f64).expand(3, 3, 3))
+        out = torch.empty_like(x)
+        null = labels == NULL
+        sig = (lambda m: sigma) if sigma.ndim == 0 else (lambda m: sigma[m])
+        out[~null] = gaussian_denoiser(MU[labels[~null]], S * math.sqrt(2))(x[~null], sig(~null))
+        if null.any():
+            out[null] = wide.denoise(x[null], sig(null))
+        return out
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+@pytest.mark.parametrize("ag_scale", [1.0, 2.0])
+def test_autoguidance_composes_with_classifier_free_guidance(cfg_scale, ag_scale):
+    """Conditional good and bad models, each classifier-free guided at the same labels, then
+    autoguided: CFG_bad + w_ag (CFG_good - CFG_bad), with CFG = D_u + w_cfg (D_c - D_u)."""
+    x, labels = _batch()
+    sigma = torch.linspace(0.2, 3.0, 6, dtype=f64)
+    good, bad = Counting(), _BadConditional()
+    out = autoguidance(conditioned(good, labels, NULL, cfg_scale), conditioned(bad, labels, NULL, cfg_scale), ag_scale)(
+        x, sigma
+    )
+
+    def cfg(net):
+        d_c, d_u = net(x, sigma, labels), net(x, sigma, torch.full_like(labels, NULL))
+        return d_u + cfg_scale * (d_c - d_u)
+
+    cfg_good, cfg_bad = cfg(Counting()), cfg(_BadConditional())
+    torch.testing.assert_close(out, cfg_bad + ag_scale * (cfg_good - cfg_bad), rtol=0, atol=1e-12)
+    assert bad.calls == (0 if ag_scale == 1.0 else 1)  # scale 1 is the good model: the bad one is not run
+
+
+def test_autoguidance_rejects_bad_scales():
+    good = _two_class_mixture()
+    for w in (-0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            autoguidance(good.denoise, good.denoise, w)

@@ -106,6 +106,33 @@ def conditioned(denoise_cond: ConditionalDenoiser, labels: Tensor, null: Tensor,
     return classifier_free(denoise_cond, labels, null, scale)
 
 
+def autoguidance(good: Denoiser, bad: Denoiser, scale: float) -> Denoiser:
+    """Autoguidance, D_bad + w (D_good - D_bad) (Karras et al. 2024, "Guiding a diffusion model with a bad
+    version of itself", Eq. 1 with D_1 = good, D_0 = bad; EDM2's ``gnet_out.lerp(net_out, guidance)``).
+
+    ``good`` and ``bad`` are denoisers over the same data space (shapes as any denoiser: ``x``
+    ``(B, ...)``, ``sigma`` ``()`` or ``(B,)``); ``bad`` is a weaker model of the same task (smaller,
+    trained for less), so its errors point the same way as the good model's, only more. ``scale``
+    w >= 0: 1 is the good model, 0 the bad one, w > 1 pushes away from the bad model's errors.
+    At fixed (x, sigma) the combination is affine with weights summing to 1, so the same w gives the
+    same guided model in eps space ((x - D) / sigma) and score space ((D - x) / sigma^2): the guided
+    score is grad log p_good^w p_bad^(1 - w). Conditional models are guided at the same condition:
+    close each over it first (e.g. :func:`conditioned`, which also applies classifier-free guidance),
+    then D = CFG_bad + w (CFG_good - CFG_bad). Two network evaluations per call (one when w is 1 or 0).
+    """
+    scale = _check_scale(scale)
+    if scale == 1.0:
+        return good
+    if scale == 0.0:
+        return bad
+
+    def guided(x: Tensor, sigma: Tensor) -> Tensor:
+        d_bad = bad(x, sigma)
+        return d_bad + scale * (good(x, sigma) - d_bad)
+
+    return guided
+
+
 def classifier_guidance(denoise: Denoiser, log_prob: LogProb, scale: float) -> Denoiser:
     """Classifier guidance, score + s grad log p(y | x_sigma) (Dhariwal and Nichol 2021, Alg. 1).
 
