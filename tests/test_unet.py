@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from unnoise.nets.layers import CrossAttention
 from unnoise.nets.unet import PRESETS, Attention, UNet, UNetConfig
 
 
@@ -236,3 +237,144 @@ def test_bad_waveform_configs():
         waveform(dims=3)
     with pytest.raises(ValueError, match="factor must be >= 2"):
         waveform(factor=1)
+
+
+# --- cross-attention to a context (LDM sec. 3.3) --------------------------------------------------------
+
+
+def reference_config(**kw) -> UNetConfig:
+    size = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), num_heads=2)
+    return UNetConfig(8, 2, dropout=0.0, num_classes=3, **(size | kw))
+
+
+def formula_weights(net: UNet) -> UNet:
+    """Weights from a formula, not a random stream: the same on every machine and torch version."""
+    with torch.no_grad():
+        for k, (_, p) in enumerate(net.named_parameters()):
+            p.copy_(0.2 * torch.sin(torch.arange(p.numel(), dtype=p.dtype) * 0.37 + k).reshape(p.shape))
+    return net
+
+
+def test_without_context_dim_the_unet_is_the_one_before_cross_attention():
+    """Names, shapes and outputs recorded from the U-Net before context_dim existed (commit 8fa0294)."""
+    import hashlib
+
+    net = formula_weights(UNet(reference_config()).double().eval())
+    names = [(n, tuple(p.shape)) for n, p in net.state_dict().items()]
+    assert len(names) == 129 and sum(p.numel() for p in net.parameters()) == 48674
+    assert hashlib.sha256(repr(names).encode()).hexdigest().startswith("3c47a72b6859eeb80f6706462c711f1c")
+    x = torch.cos(torch.arange(2 * 2 * 8 * 8, dtype=torch.float64) * 0.91).reshape(2, 2, 8, 8)
+    out = net(x, torch.tensor([3.0, 700.0], dtype=torch.float64), torch.tensor([1, 3]))
+    expected = torch.tensor(
+        [[0.12494973845184955, 0.11891602114800913, 0.14653088495556352, 0.18530915534370773],
+         [0.11414811633822816, 0.13123454366612697, 0.1383927200494378, 0.12201772342753792]],
+        dtype=torch.float64,
+    )  # fmt: skip
+    torch.testing.assert_close(torch.stack([out[0, 0, 0, :4], out[1, 1, 7, 4:]]), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(out.sum().item(), 29.391376868030864, rtol=1e-9, atol=0)
+
+
+def test_an_old_state_dict_loads_and_zero_cross_attention_changes_nothing():
+    old = perturbed(reference_config())
+    new = UNet(reference_config(context_dim=6)).eval()
+    missing, unexpected = new.load_state_dict(old.state_dict(), strict=False)
+    assert not unexpected
+    cross = {n for n, m in new.named_modules() if isinstance(m, CrossAttention)}
+    assert {k.rsplit(".", 2)[0] for k in missing} == cross and len(cross) == 4  # 4x4: down 1, middle 1, up 2
+    assert all(".cross." in k for k in missing)
+    # the cross-attention output projections start at zero: the loaded net is the old one, whatever the context
+    x, t = inputs(reference_config())
+    context = torch.randn(3, 5, 6)
+    torch.testing.assert_close(new(x, t, torch.tensor([0, 1, 3]), context), old(x, t, torch.tensor([0, 1, 3])))
+    UNet(reference_config()).load_state_dict(old.state_dict())  # and strictly into a net without context
+
+
+def context_net(**kw) -> UNet:
+    return perturbed(tiny(context_dim=6, **kw))
+
+
+def test_context_shapes_and_one_cross_attention_per_self_attention():
+    net = context_net(num_classes=3)
+    x, t = inputs(net.config)
+    out = net(x, t, torch.tensor([0, 1, 3]), torch.randn(3, 7, 6), torch.ones(3, 7, dtype=torch.bool))
+    assert out.shape == x.shape
+    n_self = sum(isinstance(m, Attention) for m in net.modules())
+    assert n_self == sum(isinstance(m, CrossAttention) for m in net.modules()) > 0
+    assert torch.equal(UNet(tiny(context_dim=6))(x, t, context=torch.randn(3, 7, 6)), torch.zeros_like(x))
+
+
+def test_the_context_conditions_the_output_and_padded_tokens_do_not():
+    net = context_net()
+    x, t = inputs(net.config)
+    context = torch.randn(3, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = net(x, t, context=context, context_mask=mask)
+    assert not torch.allclose(out, net(x, t, context=torch.randn(3, 5, 6), context_mask=mask), atol=1e-4)
+    garbage = torch.where(mask[..., None], context, 1e3 * torch.randn(3, 5, 6))
+    torch.testing.assert_close(net(x, t, context=garbage, context_mask=mask), out)
+    # a padded context is the same as the unpadded one, sample by sample
+    for i, length in enumerate(mask.sum(1).tolist()):
+        alone = net(x[i : i + 1], t[i : i + 1], context=context[i : i + 1, :length])
+        torch.testing.assert_close(alone, out[i : i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_row_without_real_tokens_gets_no_cross_attention():
+    net = context_net()
+    x, t = inputs(net.config)
+    mask = torch.zeros(3, 4, dtype=torch.bool)
+    out = net(x, t, context=torch.randn(3, 4, 6), context_mask=mask)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out, net(x, t, context=torch.randn(3, 4, 6), context_mask=mask))
+    for m in net.modules():
+        if isinstance(m, CrossAttention):
+            torch.nn.init.zeros_(m.proj.weight), torch.nn.init.zeros_(m.proj.bias)
+    torch.testing.assert_close(net(x, t, context=torch.randn(3, 4, 6)), out)  # as if it had none
+
+
+def test_gradients_flow_to_the_real_tokens_of_the_context_only():
+    net = context_net()
+    x, t = inputs(net.config)
+    context = torch.randn(3, 5, 6, requires_grad=True)
+    mask = torch.tensor([[1, 1, 0, 0, 0]] * 3, dtype=torch.bool)
+    net(x, t, context=context, context_mask=mask).square().sum().backward()
+    assert (context.grad[:, :2].abs().sum(-1) > 0).all() and (context.grad[:, 2:] == 0).all()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing
+
+
+def test_cross_attention_matches_a_per_head_masked_softmax():
+    att = CrossAttention(8, context_dim=3, num_heads=2)
+    torch.nn.init.normal_(att.proj.weight)
+    x, c = torch.randn(2, 8, 3, 5), torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 0, 1]], dtype=torch.bool)
+    q = att.q(att.norm(x)).flatten(2)  # (B, C, HW), heads are blocks of C
+    k, v = att.kv(c).transpose(1, 2).chunk(2, dim=1)  # 2 x (B, C, L)
+    heads = []
+    for s in (slice(0, 4), slice(4, 8)):
+        logits = q[:, s].transpose(1, 2) @ k[:, s] / 2.0  # (B, HW, L), 1/sqrt(4)
+        w = torch.softmax(logits.masked_fill(~mask[:, None], float("-inf")), dim=-1)
+        heads.append(v[:, s] @ w.transpose(1, 2))  # (B, 4, HW)
+    ref = x + att.proj(torch.cat(heads, dim=1).reshape(x.shape))
+    torch.testing.assert_close(att(x, c, mask), ref)
+
+
+def test_a_context_the_unet_cannot_take_is_refused_in_one_line():
+    x, t = inputs(tiny())
+    with pytest.raises(ValueError, match="without context_dim"):
+        perturbed(tiny())(x, t, context=torch.randn(3, 2, 6))
+    net = context_net()
+    for context in (None, torch.randn(3, 2, 5), torch.randn(2, 2, 6), torch.randn(3, 6)):
+        with pytest.raises(ValueError, match=r"context of shape \(3, L, 6\)"):
+            net(x, t, context=context)
+    with pytest.raises(ValueError, match="context_mask must be bool"):
+        net(x, t, context=torch.randn(3, 2, 6), context_mask=torch.ones(3, 2))
+    with pytest.raises(ValueError, match="context_dim must be None"):
+        tiny(context_dim=0)
+    from unnoise.schema import from_dict
+
+    assert (
+        from_dict(
+            UNetConfig, {"image_size": 8, "channel_mults": [1, 2], "attention_resolutions": [4]}, "old config.json"
+        ).context_dim
+        is None
+    )

@@ -1,11 +1,12 @@
-"""Blocks shared by the networks."""
+"""Blocks shared by the networks: embeddings, convolutions, normalisation, self- and cross-attention."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -21,3 +22,79 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with ADM's 32 groups when ``channels`` allows, else its largest divisor below 32."""
+    return nn.GroupNorm(max(g for g in range(1, 33) if channels % g == 0), channels)
+
+
+def conv(dims: int, c_in: int, c_out: int, kernel: int, **kw) -> nn.Module:
+    """A 1-D or 2-D convolution."""
+    return (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, c_out, kernel, **kw)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """``module`` with every parameter set to 0: a residual branch ending in it starts as the identity."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over the H*W (or N) positions: GroupNorm -> qkv 1x1 -> SDPA -> 1x1 (zero), residual.
+
+    With ``context_dim``, a :class:`CrossAttention` to a context ``(B, L, context_dim)`` follows, as in
+    LDM's transformer block (self-attention, then cross-attention); it is the submodule ``cross``, so
+    the self-attention's parameter names are the same with or without it.
+    """
+
+    def __init__(self, channels: int, num_heads: int, dims: int = 2, context_dim: int | None = None):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.qkv = conv(dims, channels, 3 * channels, 1)
+        self.proj = zero_init(conv(dims, channels, channels, 1))
+        self.cross = None if context_dim is None else CrossAttention(channels, context_dim, num_heads, dims)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        B, C = x.shape[:2]
+        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, -1)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x (B, heads, H*W, C/heads)
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        h = x + self.proj(h.transpose(-1, -2).reshape(x.shape))
+        return h if self.cross is None else self.cross(h, context, mask)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention from the H*W (or N) positions to L context tokens (LDM eq. 3), residual.
+
+    ``Q = W_Q GroupNorm(h)`` (1x1), ``K = W_K c``, ``V = W_V c`` (linear); ``softmax(Q K^T / sqrt(d)) V``
+    per head, then a 1x1 projection that starts at zero. ``h`` ``(B, C, H, W)``, ``context`` ``(B, L,
+    context_dim)``, ``mask`` ``(B, L)`` bool, True for real tokens: padded tokens get no attention weight,
+    and a row without any real token gets no cross-attention at all (its output is ``h``).
+    """
+
+    def __init__(self, channels: int, context_dim: int, num_heads: int, dims: int = 2):
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
+        self.num_heads = num_heads
+        self.norm = group_norm(channels)
+        self.q = conv(dims, channels, channels, 1)
+        self.kv = nn.Linear(context_dim, 2 * channels)
+        self.proj = zero_init(conv(dims, channels, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
+        B, C, heads = x.shape[0], x.shape[1], self.num_heads
+        q = self.q(self.norm(x)).reshape(B, heads, C // heads, -1).transpose(-1, -2)  # (B, heads, H*W, d)
+        k, v = self.kv(context).reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
+        if mask is None:
+            h = F.scaled_dot_product_attention(q, k, v)
+            return x + self.proj(h.transpose(-1, -2).reshape(x.shape))
+        real = mask.any(dim=1)  # (B,): a fully padded row would softmax over nothing (NaN)
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask | ~real[:, None])[:, None, None, :])
+        h = self.proj(h.transpose(-1, -2).reshape(x.shape))
+        return x + h * real.reshape(B, *(1,) * (x.ndim - 1)).to(h.dtype)

@@ -16,6 +16,14 @@ each block is the identity on its skip path and the network outputs exactly zero
 audio-diffusion-pytorch), and ``factor`` sets the down/upsampling per level: a 1-s, 8-kHz clip with
 ``factor=4`` runs most layers at 1/16 to 1/64 of the sample rate, and attention at the lowest level
 sees the whole word.
+
+``context_dim`` adds text conditioning as in latent diffusion (Rombach et al. 2022, sec. 3.3): each
+self-attention block gains a cross-attention (its submodule ``cross``) whose keys and values are
+projections of a context ``(B, L, context_dim)`` (e.g. a text encoder's token features), with a key
+padding mask ``(B, L)``. Its output projection starts at zero, like every residual branch, so a
+state dict of the U-Net without context loads (``strict=False``, only ``.cross.`` keys missing) into
+one with it and computes the same function; with ``context_dim=None`` (the default) no module is
+added: parameter names and outputs are those of the U-Net before cross-attention existed.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unnoise.nets.layers import timestep_embedding
+from unnoise.nets.layers import Attention, conv, group_norm, timestep_embedding, zero_init
 
 Preset = Literal["tiny", "small", "cifar"]
 PRESETS: tuple[str, ...] = ("tiny", "small", "cifar")
@@ -48,6 +56,7 @@ class UNetConfig:
     learned_variance: bool = False  # output [prediction, v]: 2 * in_channels (Nichol & Dhariwal 2021)
     dims: int = 2  # 2: images (B, C, H, W); 1: sequences such as waveforms (B, C, N)
     factor: int = 2  # down/upsampling factor between levels (each spatial axis)
+    context_dim: int | None = None  # None: no cross-attention; else every attention block also attends to context
 
     def __post_init__(self):
         # lists (e.g. from config.json) become tuples, so configs compare and hash alike
@@ -70,6 +79,8 @@ class UNetConfig:
             raise ValueError(f"attention_resolutions {bad} are no feature-map size here; allowed: {self.resolutions}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be None (unconditional) or >= 1, got {self.num_classes}")
+        if self.context_dim is not None and self.context_dim < 1:
+            raise ValueError(f"context_dim must be None (no cross-attention) or >= 1, got {self.context_dim}")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -98,22 +109,6 @@ class UNetConfig:
         return cls(image_size, in_channels, attention_resolutions=attention, num_classes=num_classes, **kw)
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm with ADM's 32 groups when ``channels`` allows, else its largest divisor below 32."""
-    return nn.GroupNorm(max(g for g in range(1, 33) if channels % g == 0), channels)
-
-
-def conv(dims: int, c_in: int, c_out: int, kernel: int, **kw) -> nn.Module:
-    """A 1-D or 2-D convolution."""
-    return (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, c_out, kernel, **kw)
-
-
-def zero_init(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        nn.init.zeros_(p)
-    return module
-
-
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv3x3 -> GroupNorm, scale-shift by the embedding -> SiLU -> dropout -> conv3x3 (zero).
 
@@ -136,27 +131,6 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over the H*W (or N) positions: GroupNorm -> qkv 1x1 -> SDPA -> 1x1 (zero), residual."""
-
-    def __init__(self, channels: int, num_heads: int, dims: int = 2):
-        super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
-        self.num_heads = num_heads
-        self.norm = group_norm(channels)
-        self.qkv = conv(dims, channels, 3 * channels, 1)
-        self.proj = zero_init(conv(dims, channels, channels, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, C = x.shape[:2]
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, -1)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x (B, heads, H*W, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
-        h = h.transpose(-1, -2).reshape(x.shape)
-        return x + self.proj(h)
-
-
 class Downsample(nn.Sequential):
     """Strided conv: ``(B, c, H, W)`` -> ``(B, c, H/f, W/f)``; kernel 2f - 1 (3 for f = 2) covers every input."""
 
@@ -177,11 +151,17 @@ class Upsample(nn.Module):
 
 
 class Stage(nn.Sequential):
-    """Layers run in order; the residual blocks also receive the embedding (ADM's TimestepEmbedSequential)."""
+    """Layers run in order; residual blocks also receive the embedding (ADM's TimestepEmbedSequential),
+    attention blocks the context and its mask."""
 
-    def forward(self, h: Tensor, emb: Tensor) -> Tensor:
+    def forward(self, h: Tensor, emb: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         for layer in self:
-            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            if isinstance(layer, ResBlock):
+                h = layer(h, emb)
+            elif isinstance(layer, Attention):
+                h = layer(h, context, mask)
+            else:
+                h = layer(h)
         return h
 
 
@@ -189,7 +169,8 @@ class UNet(nn.Module):
     """ADM U-Net (Dhariwal & Nichol 2021): x ``(B, C, H, W)``, t ``(B,)``, labels ``(B,)`` or None -> ``(B, C', H, W)``
     (``(B, C, N)`` -> ``(B, C', N)`` with ``config.dims == 1``).
 
-    ``C' = C``, or ``2C`` (``[prediction, v]``) with ``config.learned_variance``.
+    ``C' = C``, or ``2C`` (``[prediction, v]``) with ``config.learned_variance``. With ``config.context_dim``
+    it also takes ``context`` ``(B, L, context_dim)`` and an optional ``context_mask`` ``(B, L)`` (True: real token).
     """
 
     def __init__(self, config: UNetConfig):
@@ -200,9 +181,12 @@ class UNet(nn.Module):
         def heads(channels: int) -> int:
             return channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
 
+        def attention(channels: int) -> Attention:
+            return Attention(channels, heads(channels), dims, cfg.context_dim)
+
         def stage(c_in: int, c_out: int, size: int) -> Stage:
             res = ResBlock(c_in, c_out, emb_dim, cfg.dropout, dims)
-            return Stage(res, Attention(c_out, heads(c_out), dims)) if size in cfg.attention_resolutions else Stage(res)
+            return Stage(res, attention(c_out)) if size in cfg.attention_resolutions else Stage(res)
 
         # noise-level (and class) embedding, (B,) -> (B, emb_dim); the last class id is the null class
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -222,7 +206,7 @@ class UNet(nn.Module):
 
         self.middle = Stage(
             ResBlock(ch, ch, emb_dim, cfg.dropout, dims),
-            Attention(ch, heads(ch), dims),
+            attention(ch),
             ResBlock(ch, ch, emb_dim, cfg.dropout, dims),
         )
 
@@ -239,8 +223,16 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_init(conv(dims, ch, cfg.out_channels, 3, padding=1)))
 
-    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        labels: Tensor | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
         cfg = self.config
+        self._check_context(x, context, context_mask)
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])  # () or (B,) -> (B,)
         emb = self.time_embed(timestep_embedding(t, cfg.base_channels).to(x.dtype))  # (B, emb_dim)
         if self.label_embed is not None:
@@ -253,9 +245,25 @@ class UNet(nn.Module):
         h = self.conv_in(x)  # (B, base, H, W)
         hs = [h]
         for block in self.down:
-            h = block(h, emb)
+            h = block(h, emb, context, context_mask)
             hs.append(h)
-        h = self.middle(h, emb)  # (B, base * mults[-1], H / 2^(L-1), W / 2^(L-1))
+        h = self.middle(h, emb, context, context_mask)  # (B, base * mults[-1], H / 2^(L-1), W / 2^(L-1))
         for block in self.up:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context, context_mask)
         return self.out(h)  # (B, out_channels, H, W)
+
+    def _check_context(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> None:
+        """One line for a context this U-Net cannot take: none where it needs one, or a wrong shape."""
+        dim = self.config.context_dim
+        if dim is None:
+            if context is not None or mask is not None:
+                raise ValueError("context was given to a U-Net built without context_dim (no cross-attention)")
+            return
+        if context is None or context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != dim:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"this U-Net attends to a context of shape ({x.shape[0]}, L, {dim}); got {got}")
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != context.shape[:2]):
+            raise ValueError(
+                f"context_mask must be bool {tuple(context.shape[:2])} (True: a real token); "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )

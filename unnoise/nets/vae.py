@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unnoise.nets.unet import Attention, Downsample, Upsample, group_norm
+from unnoise.nets.layers import Attention, group_norm
+from unnoise.nets.unet import Downsample, Upsample
 
 __all__ = [
     "AutoencoderKL",
