@@ -9,6 +9,8 @@ Layout (every file written inside a temp folder, fsynced, then the folder rename
         optimizer.json + optimizer.safetensors   optimizer.state_dict(): tensors apart, the rest JSON
         rng.json + rng.safetensors               torch (CPU, CUDA), numpy, python and named generators
         state.json (+ state.safetensors)         {"step": ..., whatever the trainer passes}
+        NAME.safetensors                         further modules (the power EMAs of post-hoc EMA)
+        snapshot.json                            only in snapshots: such a step folder is never pruned
         manifest.json                            SHA-256 of each file above, written last
 
 A crash (even kill -9) at any point leaves the previous checkpoint intact and loadable; resuming
@@ -50,6 +52,7 @@ from unnoise.training.files import (
 )
 
 _STEP = re.compile(r"step_(\d+)")
+SNAPSHOT = "snapshot.json"  # marks a step folder that keep never prunes (:mod:`unnoise.training.posthoc_ema`)
 
 
 # ---- RNG ----------------------------------------------------------------------------------------
@@ -243,15 +246,20 @@ def save_checkpoint(
     state: Mapping[str, Any] | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
     keep: int | None = 3,
+    modules: Mapping[str, nn.Module] | None = None,
+    snapshot: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write RUN/checkpoints/step_NNNNNNNN atomically, point ``latest`` at it, keep the last ``keep`` (None: all).
 
     ``state`` holds what else resuming needs (data-order position, epoch, scheduler and loss-scaler
-    state, metrics): tensors and JSON values. Returns the step folder.
+    state, metrics): tensors and JSON values. ``modules`` are further modules saved as
+    NAME.safetensors (:func:`load_checkpoint` takes the same names). ``snapshot`` (JSON values)
+    makes the step a snapshot: it is written as snapshot.json, and ``keep`` never prunes a step
+    folder holding one (post-hoc EMA needs every snapshot of the run). Returns the step folder.
     """
     if step < 0 or (keep is not None and keep < 1):
         raise ValueError(f"need step >= 0 and keep >= 1 (or None), got step={step}, keep={keep}")
-    for what, module in (("model", model), ("EMA model", ema)):
+    for what, module in (("model", model), ("EMA model", ema), *(modules or {}).items()):
         if module is not None:
             try:
                 integrity.check_finite(module.state_dict(), f"the {what} at step {step}")
@@ -268,6 +276,10 @@ def save_checkpoint(
         save_tensors(tmp / "model.safetensors", model.state_dict())
         if ema is not None:
             save_tensors(tmp / "ema.safetensors", ema.state_dict())
+        for module_name, module in (modules or {}).items():
+            save_tensors(tmp / f"{module_name}.safetensors", module.state_dict())
+        if snapshot is not None:
+            write_text(tmp / SNAPSHOT, json.dumps(dict(snapshot), indent=1) + "\n")
         if optimizer is not None:
             save_tree(tmp, "optimizer", optimizer.state_dict())
         save_tree(tmp, "rng", rng_state(generators))
@@ -277,7 +289,7 @@ def save_checkpoint(
     final = write_folder(root / name, fill)  # re-saving a step (a resumed run passing it again) replaces it
     atomic_write_text(root / "latest", name + "\n")
     if keep is not None:  # older steps only: folders from an abandoned later trajectory are left alone
-        older = [p for p in _step_folders(root) if int(p.name[5:]) < step]
+        older = [p for p in _step_folders(root) if int(p.name[5:]) < step and not (p / SNAPSHOT).is_file()]
         for p in older[: max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(p)
     return final
@@ -290,9 +302,11 @@ def load_checkpoint(
     ema: nn.Module | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     generators: Mapping[str, torch.Generator] | None = None,
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, Any]:
-    """Resume from a step folder or a run folder (its latest step): restore model, EMA, optimizer and all
-    RNG streams (global ones included), and return the trainer state (with ``"step"``).
+    """Resume from a step folder or a run folder (its latest step): restore model, EMA, optimizer, the
+    further ``modules`` saved by :func:`save_checkpoint` and all RNG streams (global ones included),
+    and return the trainer state (with ``"step"``).
 
     Every file is verified against the folder's manifest, read and checked before anything is modified.
     """
@@ -300,6 +314,10 @@ def load_checkpoint(
     weights = {"model": (model, read_safetensors(folder / "model.safetensors"))}
     if ema is not None:
         weights["ema"] = (ema, read_safetensors(folder / "ema.safetensors"))
+    for module_name, module in (modules or {}).items():
+        if not (folder / f"{module_name}.safetensors").is_file():
+            raise ValueError(f"{folder} has no {module_name}.safetensors: it was saved without that module")
+        weights[module_name] = (module, read_safetensors(folder / f"{module_name}.safetensors"))
     for name, (module, tensors) in weights.items():
         _check_keys(folder / f"{name}.safetensors", tensors, module)
     opt_state = load_tree(folder, "optimizer") if optimizer is not None else None

@@ -64,6 +64,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    # post-hoc EMA (Karras et al. 2024, EDM2, Sec. 3): the sigma_rel of each power-function EMA to
+    # track (EDM2: [0.05, 0.1]; empty: off) and the steps between their snapshots (default steps // 20)
+    posthoc_ema: list[float] = field(default_factory=list)
+    posthoc_snapshot_every: int | None = None
     bf16: bool = False
     seed: int = 0
     log_every: int = 25
@@ -85,6 +89,7 @@ class TrainConfig:
             raise ValueError(f"lr and grad_clip must be finite and > 0, got {self.lr}, {self.grad_clip}")
         if not 0 <= self.weight_decay < float("inf") or int(self.warmup) < 0:
             raise ValueError(f"weight_decay and warmup must be >= 0, got {self.weight_decay}, {self.warmup}")
+        self._check_posthoc_ema()
         if self.objective == "ddpm":
             self._resolve(DDPM_DEFAULTS, EDM_DEFAULTS | {"sigma_data": None})
             _choose("loss", self.loss, LOSSES)
@@ -109,6 +114,24 @@ class TrainConfig:
                 raise ValueError(f"need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
             if not self.P_std > 0:
                 raise ValueError(f"P_std must be > 0, got {self.P_std}")
+
+    def _check_posthoc_ema(self) -> None:
+        """Each sigma_rel in (0, 12^-1/2) and distinct; the snapshot interval applies only with them."""
+        from unnoise.training.posthoc_ema import check_sigma_rel
+
+        self.posthoc_ema = [check_sigma_rel(s, "posthoc_ema: each sigma_rel") for s in self.posthoc_ema]
+        if len(set(self.posthoc_ema)) != len(self.posthoc_ema):
+            raise ValueError(f"posthoc_ema lists a sigma_rel twice: {self.posthoc_ema}")
+        if not self.posthoc_ema:
+            if self.posthoc_snapshot_every is not None:
+                raise ValueError(
+                    "posthoc_snapshot_every applies with posthoc_ema (a list of sigma_rels, e.g. [0.05, 0.1])"
+                )
+            return
+        if self.posthoc_snapshot_every is None:  # about 20 snapshots a run: EDM2's fits need a dozen or more
+            self.posthoc_snapshot_every = max(1, int(self.steps) // 20)
+        if int(self.posthoc_snapshot_every) < 1:
+            raise ValueError(f"posthoc_snapshot_every must be >= 1, got {self.posthoc_snapshot_every}")
 
     def _resolve(self, own: dict[str, Any], other: dict[str, Any]) -> None:
         """Fill this objective's unset settings; refuse any setting of the other objective."""

@@ -2,10 +2,11 @@
 
 One step: a batch in a fixed per-epoch order, the objective (:mod:`unnoise.training.objectives`:
 DDPM family or EDM, with label dropout for classifier-free guidance and bf16 autocast), AdamW
-with linear warm-up, gradient clipping and accumulation, EMA with warm-up. The data order is a
-function of (seed, epoch) and every other random draw comes from one generator checkpointed
-with the weights, so ``resume`` continues exactly: a run killed with kill -9 and resumed ends
-bit-identical to an uninterrupted one.
+with linear warm-up, gradient clipping and accumulation, EMA with warm-up, and optionally the
+power-function EMAs of post-hoc EMA with their snapshots (:mod:`unnoise.training.posthoc_ema`).
+The data order is a function of (seed, epoch) and every other random draw comes from one
+generator checkpointed with the weights, so ``resume`` continues exactly: a run killed with
+kill -9 and resumed ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from unnoise.training.checkpoint import latest_checkpoint, load_checkpoint, save
 from unnoise.training.config import TrainConfig
 from unnoise.training.distributed import Draws
 from unnoise.training.lock import RunInUse, RunLock
+from unnoise.training.posthoc_ema import PowerEMA
 from unnoise.training.signals import Interrupted, StopSignals
 
 Objective = Callable[[nn.Module, Tensor, Tensor, Draws], Tensor]  # (net, x0, labels, draws) -> loss
@@ -175,14 +177,18 @@ def _train(cfg, run, net, x0, labels, loss_fn, resume, overwrite, on_sample, pro
     g_noise = torch.Generator().manual_seed(cfg.seed + 1)
     net.to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
+    power = PowerEMA(net, cfg.posthoc_ema) if cfg.posthoc_ema else None
+    power_state = {"posthoc_ema": list(cfg.posthoc_ema)} if power is not None else {}  # checked on resume
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState()
     if resume:
         step = latest_checkpoint(run)
         if step is None:
             raise FileNotFoundError(f"nothing to resume: no checkpoint in {run}")
-        saved = load_checkpoint(step, model=net, ema=ema, optimizer=opt, generators={"noise": g_noise})
         where = str(step / "state.json")
+        _check_power_ema(step, cfg)
+        modules = power.modules if power is not None else None
+        saved = load_checkpoint(step, model=net, ema=ema, optimizer=opt, generators={"noise": g_noise}, modules=modules)
         state = from_dict(TrainState, {k: saved.get(k) for k in ("step", "epoch", "position")}, where)
         if min(state.epoch, state.position) < 0:
             raise ValueError(f"{where}: epoch and position must be >= 0, got {state.epoch}, {state.position}")
@@ -226,6 +232,8 @@ def _train(cfg, run, net, x0, labels, loss_fn, resume, overwrite, on_sample, pro
             opt.step()
             update_ema(ema, net, ema_decay(cfg, state.step))
             state.step += 1
+            if power is not None:
+                power.update(net, state.step)  # the power EMA's time: steps taken, 1 after the first
             window.append(total)
             stopping = (stop is not None and stop(state.step)) or signals.requested is not None
             if shard.world > 1:  # a time budget may run out on one rank first: stop together
@@ -242,18 +250,24 @@ def _train(cfg, run, net, x0, labels, loss_fn, resume, overwrite, on_sample, pro
                 window, t_start = [], time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if shard.main and (state.step % cfg.save_every == 0 or state.step == cfg.steps or stopping):
+            ends = state.step == cfg.steps or stopping
+            regular = state.step % cfg.save_every == 0 or ends
+            # the last step is a snapshot too: a profile is reconstructed at the newest snapshot's step
+            snapshot = power is not None and (state.step % cfg.posthoc_snapshot_every == 0 or ends)
+            if shard.main and (regular or snapshot):
                 save_checkpoint(
                     run,
                     state.step,
                     model=net,
                     ema=ema,
                     optimizer=opt,
-                    state=dataclasses.asdict(state) | {"objective": _objective_state(loss_fn)},
+                    state=dataclasses.asdict(state) | {"objective": _objective_state(loss_fn)} | power_state,
                     generators={"noise": g_noise},
                     keep=cfg.keep,
+                    modules=power.modules if power is not None else None,
+                    snapshot=power.snapshot_meta(state.step) if snapshot else None,
                 )
-                if on_sample is not None:
+                if on_sample is not None and regular:  # not at every snapshot: previews cost samples
                     on_sample(ema, state.step)
             if stopping:
                 break
@@ -266,6 +280,20 @@ def _train(cfg, run, net, x0, labels, loss_fn, resume, overwrite, on_sample, pro
         if bar is not None:
             bar.close()
     return ema
+
+
+def _check_power_ema(step: Path, cfg: TrainConfig) -> None:
+    """Resuming keeps the power EMAs of post-hoc EMA as they were: each is an average from step 0,
+    so one cannot be started, dropped or re-widened midway (one line naming both lists)."""
+    from unnoise.training.files import read_json
+
+    state = read_json(step / "state.json") if (step / "state.json").is_file() else {}
+    saved = state.get("posthoc_ema", []) if isinstance(state, dict) else []  # load_checkpoint judges the rest
+    if saved != list(cfg.posthoc_ema):
+        raise ValueError(
+            f"posthoc_ema must stay as the run began when resuming: {step.name} tracks {saved}, "
+            f"the settings ask for {cfg.posthoc_ema}"
+        )
 
 
 def _objective_state(loss_fn: Objective) -> dict:
