@@ -67,6 +67,8 @@ def test_parse_prompt_tolerates_case_spaces_and_a_period_and_names_what_it_canno
         (0, None, None, 9)
     )
     assert parse_prompt("bottom left : shirt") == Scene((None, None, 6, None))  # "shirt", not "T-shirt/top"
+    assert parse_prompt("top-left: bag; bottom-right: coat;") == Scene((8, None, None, 4))
+    assert parse_prompt("top left: bag, lower right: an ankle boot") == Scene((8, None, None, 9))
     with pytest.raises(ValueError, match="empty prompt"):
         parse_prompt("   ")
     with pytest.raises(ValueError, match="cannot read 'a hat in the top left'"):

@@ -143,9 +143,9 @@ def _class_id(name: str) -> int:
 def parse_prompt(text: str) -> Scene:
     """The scene a prompt names: the inverse of :func:`caption` for every template and object order.
 
-    Case, runs of spaces, a final period, "a"/"an" and a hyphen or space between row and column
-    are free; a fragment that names no object in a cell, or two objects in one cell, is refused with
-    a ValueError of one line that quotes it.
+    Case, runs of spaces, a final period, "a"/"an", a hyphen or space between row and column, and
+    "," or ";" between the "cell: object" items are free; a fragment that names no object in a cell,
+    or two objects in one cell, is refused with a ValueError of one line that quotes it.
     """
     if not isinstance(text, str):
         raise ValueError(f"a prompt must be a string; got {type(text).__name__}")
@@ -153,12 +153,12 @@ def parse_prompt(text: str) -> Scene:
     if not norm:
         raise ValueError(f"empty prompt: name 1 to 4 objects and their cells, {_ALLOWED}")
     if ":" in norm:
-        parts, pattern = [p.strip() for p in norm.split(";")], _ITEM
+        parts, pattern = [p.strip() for p in re.split(r"[;,]", norm)], _ITEM
     else:
         norm = re.sub(r"^(?:a\s+)?(?:picture|image|photo)\s+(?:with|of)\s+", "", norm)
         parts, pattern = [p.strip() for p in re.split(r",\s*(?:and\s+)?|\s+and\s+", norm)], _CLAUSE
     cells: list[int | None] = [None] * len(CELLS)
-    for part in parts:
+    for part in filter(None, parts):  # a trailing ";" or "," leaves an empty part
         match = pattern.fullmatch(part)
         if match is None:
             raise ValueError(f"cannot read {part!r} in the prompt {text!r}: name an object and its cell, {_ALLOWED}")
