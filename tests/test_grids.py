@@ -3,6 +3,8 @@ import math
 import pytest
 import torch
 
+import unnoise
+from unnoise.modalities.toy.data import GaussianMixture, ring_mixture
 from unnoise.sampling.grids import TUNED, density_grid, make_grid, tuned_parameters
 from unnoise.schedules import make_schedule
 
@@ -87,6 +89,8 @@ def test_tuned_parameters_interpolate_between_fits():
         (("karras", 5, 0.01, float("inf")), {}, "sigma_max < inf"),
         (("trailing", 5, 0.01, 10.0), {}, "pass schedule="),
         (("trailing", 20, 0.01, 10.0), {"schedule": make_schedule("linear", 10)}, "at most T = 10 steps"),
+        (("tuned", 5, 0.01, 10.0), {"sigma_data": 0.0}, "sigma_data .* must be a finite number > 0"),
+        (("tuned", 5, 0.01, 10.0), {"sigma_data": float("nan")}, "sigma_data .* must be a finite number > 0"),
     ],
 )
 def test_bad_grid_arguments(args, kw, match):
@@ -135,3 +139,50 @@ def test_ddpm_on_the_diffwave_grid_is_diffwaves_fast_sampler():
     torch.testing.assert_close(ours, audio, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="exactly 6 steps"):
         make_grid("diffwave", 10, 0.002, 80.0)
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "dpmpp_2m", "heun"])
+def test_tuned_grid_scales_with_the_data(sampler):
+    """The PF-ODE is scale-equivariant: data scaled by s has the trajectories scaled by s. So the
+    tuned grid for data std s over [s a, s b] is s times the grid for data std 1 over [a, b], and
+    sampling the scaled mixture from scaled noise gives the scaled samples."""
+    s = 0.03
+    base = make_grid("tuned", 10, 0.002, 80.0, sampler=sampler)
+    scaled = make_grid("tuned", 10, s * 0.002, s * 80.0, sampler=sampler, sigma_data=s)
+    torch.testing.assert_close(scaled, s * base, rtol=1e-9, atol=0)
+    mix = ring_mixture()
+    small = GaussianMixture(mix.weights, s * mix.means, s**2 * mix.covs)
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=f64)
+    nfe = 10
+    out = unnoise.sample(mix.denoise, 80.0 * noise, sampler=sampler, nfe=nfe, sigma_max=80.0, sigma_min=0.002)
+    small_out = unnoise.sample(
+        small.denoise, s * 80.0 * noise, sampler=sampler, nfe=nfe, sigma_max=s * 80.0, sigma_min=s * 0.002, sigma_data=s
+    )
+    torch.testing.assert_close(small_out, s * out, rtol=1e-7, atol=1e-12)
+
+
+def test_sample_reads_the_data_scale_from_the_denoiser():
+    """A denoiser's ``.sigma_data`` (EDM preconditioning, runs) centres the tuned grid; an explicit
+    sigma_data wins; without either the default, 1, is used."""
+    seen = []
+
+    def denoise(x, sigma):
+        seen.append(float(sigma))
+        return torch.zeros_like(x)
+
+    x = torch.zeros(1, 2, dtype=f64)
+
+    def grid_of(fn, **kw):
+        seen.clear()
+        unnoise.sample(fn, x, sampler="euler", nfe=6, sigma_max=80.0, sigma_min=0.002, **kw)
+        return torch.tensor(seen, dtype=f64)
+
+    expected = {s: make_grid("tuned", 6, 0.002, 80.0, sampler="euler", sigma_data=s)[:-1] for s in (0.1, 1.0, 3.0)}
+    torch.testing.assert_close(grid_of(denoise), expected[1.0])
+    torch.testing.assert_close(grid_of(denoise, sigma_data=3.0), expected[3.0])
+    denoise.sigma_data = 0.1
+    torch.testing.assert_close(grid_of(denoise), expected[0.1])
+    torch.testing.assert_close(grid_of(denoise, sigma_data=3.0), expected[3.0])
+    assert not torch.allclose(expected[0.1], expected[3.0])
+    with pytest.raises(ValueError, match="sigma_data"):
+        grid_of(denoise, sigma_data=-1.0)

@@ -146,7 +146,12 @@ def _finish_unipc(denoise: Denoiser, x: Tensor, s_hi: float, s_lo: float, n: int
     """UniPC-bh2 (order 2) from s_hi to 0 in n calls, on UniPC's default grid restricted to [s_lo, s_hi]."""
     from unnoise.sampling.grids import make_grid
 
-    grid = make_grid("tuned", n, s_lo, s_hi, sampler="unipc") if s_hi > s_lo else torch.tensor([s_hi, 0.0])
+    scale = getattr(denoise, "sigma_data", None) or 1.0  # the data scale, if the denoiser carries one
+    grid = (
+        make_grid("tuned", n, s_lo, s_hi, sampler="unipc", sigma_data=scale)
+        if s_hi > s_lo
+        else torch.tensor([s_hi, 0.0])
+    )
 
     def shifted(i: int, sigma: Tensor, x: Tensor, x0: Tensor) -> None:
         callback(i0 + i, sigma, x, x0)

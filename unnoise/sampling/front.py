@@ -6,12 +6,13 @@ the sampler from :mod:`unnoise.sampling.samplers`, and checks that the budget he
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from unnoise.sampling.grids import make_grid
+from unnoise.sampling.grids import DEFAULT_SIGMA_DATA, make_grid
 from unnoise.sampling.samplers import SAMPLERS, Callback, Denoiser, Generator
 
 # Steps a sampler can afford with a budget of nfe evaluations (Heun: 2 per step, Euler last).
@@ -43,6 +44,17 @@ class CountingDenoiser:
         return self.denoise.with_variance(x, sigma)
 
 
+def data_scale(denoise: Denoiser, sigma_data: float | None = None) -> float:
+    """The data's standard deviation the tuned grid is centred on: ``sigma_data`` if given, else the
+    denoiser's ``.sigma_data`` (runs and EDM preconditioning carry one), else the default, 1."""
+    if sigma_data is None:
+        sigma_data = getattr(denoise, "sigma_data", None)
+    scale = float(DEFAULT_SIGMA_DATA if sigma_data is None else sigma_data)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"sigma_data (the data's standard deviation) must be a finite number > 0, got {sigma_data}")
+    return scale
+
+
 def start_sigma(
     sampler: str, nfe: int, sigma_max: float, sigma_min: float, grid: str | None = None, schedule=None
 ) -> float:
@@ -65,6 +77,7 @@ def sample(
     generator: Generator = None,
     callback: Callback | None = None,
     schedule=None,
+    sigma_data: float | None = None,
     **options,
 ) -> Tensor:
     """Draw samples: run ``sampler`` from ``x`` at ``sigma_max`` down to 0 in at most ``nfe`` evaluations.
@@ -72,7 +85,8 @@ def sample(
     ``x`` is the starting sample at sigma_max (sigma_max times standard normal noise, plus data for
     img2img). The grid has ``steps_for_nfe(sampler, nfe)`` steps from sigma_max to sigma_min, then
     0; ``grid=None`` takes the sampler's best measured grid (:data:`DEFAULT_GRIDS`). Uniform-t
-    grids need ``schedule`` (or a denoiser with a ``.schedule``). ``options`` go to the sampler
+    grids need ``schedule`` (or a denoiser with a ``.schedule``); the tuned grid is centred on the
+    data's scale, ``sigma_data`` (default: :func:`data_scale`). ``options`` go to the sampler
     (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget (at least 2) and its own
     adaptive steps from sigma_max to sigma_min; pass ``info={}`` to read the method and the
     tolerance it reached (:func:`unnoise.sampling.classical.sample_rk45`).
@@ -82,12 +96,22 @@ def sample(
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
     schedule = schedule if schedule is not None else getattr(denoise, "schedule", None)
+    scale = data_scale(denoise, sigma_data)
     if sampler == "rk45" and grid is None:  # rk45 places its own steps between sigma_max and sigma_min
         sigmas = torch.tensor([sigma_max, sigma_min, 0.0], dtype=torch.float64)
     else:
         n = steps_for_nfe(sampler, nfe) if sampler != "rk45" else 2
-        sigmas = make_grid(grid or DEFAULT_GRIDS[sampler], n, sigma_min, sigma_max, schedule=schedule, sampler=sampler)
+        sigmas = make_grid(
+            grid or DEFAULT_GRIDS[sampler],
+            n,
+            sigma_min,
+            sigma_max,
+            schedule=schedule,
+            sampler=sampler,
+            sigma_data=scale,
+        )
     counted = CountingDenoiser(denoise)
+    counted.sigma_data = scale  # rk45's fixed-step finish centres its grid on it
     if sampler == "rk45":
         options.setdefault("max_nfe", nfe)
     out = SAMPLERS[sampler](counted, x, sigmas, generator=generator, callback=callback, **options)

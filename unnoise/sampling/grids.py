@@ -17,13 +17,19 @@ from unnoise.schedules import DiscreteSchedule
 
 GridName = Literal["tuned", "karras", "log_snr", "linspace", "leading", "trailing", "diffwave"]
 GRID_NAMES: tuple[str, ...] = ("tuned", "karras", "log_snr", "linspace", "leading", "trailing", "diffwave")
+# The data scale the tuned grid assumes when neither the caller nor the denoiser gives one.
+DEFAULT_SIGMA_DATA = 1.0
 
 # DiffWave's fast sampling schedule (Kong et al. 2021, Sec. 4; lmnt-com/diffwave params.py):
 # 6 inference betas, whose cumulative alpha_bar the reverse chain steps through.
 DIFFWAVE_FAST_BETAS: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 0.05, 0.2, 0.5)
 
-# density_grid parameters per sampler and number of steps, fitted by benchmarks/tune_grids.py
-# (mean log ODE error over 2-D and 32-D Gaussian mixtures, linear and cosine schedules).
+# density_grid parameters per sampler and number of steps, fitted by benchmarks/tune_grids.py.
+# ``center`` is in units of the data's standard deviation sigma_data (make_grid scales it): the
+# ODE bends where sigma is near the data's scales, wherever those lie. Fits marked "relative" were
+# made on the random fitting family of benchmarks/mixtures.py (2-128 dimensions, data stds over
+# three decades, each mixture at its own sigma_data); the others on the benchmark's fixed cases,
+# whose data stds (0.61, 0.69, 1.36) are close to 1, the default sigma_data.
 TUNED: dict[str, dict[int, dict[str, float]]] = {
     "euler": {
         5: dict(center=1.231, width=1.549, floor=0.03669, tail=0.5008),  # NFE 5: mean log error -1.621
@@ -170,19 +176,26 @@ def make_grid(
     schedule: DiscreteSchedule | None = None,
     rho: float = 7.0,
     sampler: str | None = None,
+    sigma_data: float = DEFAULT_SIGMA_DATA,
 ) -> Tensor:
     """A grid of ``n`` steps by name; uniform-t grids use ``schedule`` (and ignore the sigma range),
     as does ``"diffwave"`` (:data:`DIFFWAVE_FAST_BETAS`, 6 steps).
 
     ``"tuned"`` is :func:`density_grid` with the parameters fitted for ``sampler`` and ``n``
-    (:func:`tuned_parameters`).
+    (:func:`tuned_parameters`), its center at ``sigma_data`` (the data's standard deviation per
+    coordinate) times the fitted one; the other grids do not depend on the data.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of steps must be an integer >= 1, got {n!r}")
     if not 0 < sigma_min < sigma_max or not math.isfinite(sigma_max):
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if name == "tuned":
-        return density_grid(n, sigma_min, sigma_max, **tuned_parameters(sampler, n))
+        if not (math.isfinite(sigma_data) and sigma_data > 0):
+            raise ValueError(
+                f"sigma_data (the data's standard deviation) must be a finite number > 0, got {sigma_data}"
+            )
+        params = tuned_parameters(sampler, n)
+        return density_grid(n, sigma_min, sigma_max, **params | {"center": params["center"] * sigma_data})
     if name == "karras":
         return karras_grid(n, sigma_min, sigma_max, rho)
     if name == "log_snr":
