@@ -75,25 +75,36 @@ def test_reparameterisation_has_the_posterior_moments():
     assert torch.equal(reparameterize(mean, logvar, g1), reparameterize(mean, logvar, g2))
 
 
-def test_elbo_is_recon_plus_kl_and_recon_is_the_decoder_likelihood_of_the_sample():
-    vae = AutoencoderKL(tiny(logvar_init=-1.0)).eval()
+@pytest.mark.parametrize("variance", ["optimal", "learned", "fixed"])
+def test_elbo_is_recon_plus_kl_and_recon_is_the_decoder_likelihood_of_the_sample(variance):
+    vae = AutoencoderKL(tiny(decoder_variance=variance, logvar_init=-1.0)).eval()
     x = torch.rand(5, 1, 8, 8) * 2 - 1
     terms = vae_loss(vae, x, kl_weight=0.1, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(terms.nelbo, terms.recon + terms.kl, rtol=0, atol=0)
     torch.testing.assert_close(terms.loss, terms.recon + 0.1 * terms.kl)
     mean, logvar = vae.encode(x)
     z = reparameterize(mean, logvar, torch.Generator().manual_seed(7))
-    p = torch.distributions.Normal(vae.decode(z), math.exp(-0.5))
+    x_hat = vae.decode(z)
+    # sigma_x: the batch's root mean squared error ("optimal"), else exp(logvar_init / 2)
+    sigma = (x - x_hat).square().mean().sqrt() if variance == "optimal" else torch.tensor(math.exp(-0.5))
+    torch.testing.assert_close(terms.decoder_logvar, 2 * sigma.log())
+    p = torch.distributions.Normal(x_hat, sigma)
     torch.testing.assert_close(terms.recon, -p.log_prob(x).flatten(1).sum(1).mean())
     torch.testing.assert_close(terms.kl, gaussian_kl_standard(mean, logvar).mean())
 
 
-def test_decoder_variance_is_learned_or_fixed():
-    learned, fixed = AutoencoderKL(tiny()), AutoencoderKL(tiny(decoder_variance="fixed", logvar_init=-4.0))
+def test_decoder_variance_is_optimal_learned_or_fixed():
+    learned = AutoencoderKL(tiny(decoder_variance="learned"))
+    fixed = AutoencoderKL(tiny(decoder_variance="fixed", logvar_init=-4.0))
     assert "decoder_logvar" in dict(learned.named_parameters())
     assert "decoder_logvar" not in dict(fixed.named_parameters()) and fixed.state_dict()["decoder_logvar"] == -4.0
+    assert not any("logvar" in k for k in AutoencoderKL(tiny()).state_dict())  # optimal: nothing to store
     vae_loss(learned, torch.randn(2, 1, 8, 8)).loss.backward()
     assert learned.decoder_logvar.grad is not None
+    # the optimal sigma_x^2 never drops below the variance of rounding to 256 levels
+    x = torch.zeros(1, 1, 8, 8)
+    floor = AutoencoderKL(tiny()).likelihood_logvar(x, x + 1e-6)
+    assert floor.item() == pytest.approx(math.log((2 / 255) ** 2 / 12))
 
 
 def test_a_few_hundred_steps_reduce_the_loss():
@@ -116,7 +127,7 @@ def test_a_few_hundred_steps_reduce_the_loss():
     with torch.no_grad():
         last = torch.stack([vae_loss(vae, x, generator=g).nelbo for _ in range(4)]).mean().item()
     assert last < first - 0.5 * abs(first), (first, last)
-    assert vae.decoder_logvar.item() < -0.5  # sigma_x shrinks from 1 towards the reconstruction error
+    assert terms.decoder_logvar < -2.0  # sigma_x^2, the batch's MSE, is well below the data's variance
 
 
 def test_the_learned_decoder_variance_is_optimal_at_the_mean_squared_error():
@@ -154,7 +165,7 @@ def test_latent_scale_factor_is_one_over_the_latent_std():
 def test_bad_configs_name_what_is_allowed():
     with pytest.raises(ValueError, match="multiples of 4"):
         VAEConfig(image_size=30)
-    with pytest.raises(ValueError, match="allowed: 'learned', 'fixed'"):
+    with pytest.raises(ValueError, match="allowed: 'optimal', 'learned', 'fixed'"):
         VAEConfig(decoder_variance="free")
     with pytest.raises(ValueError, match="z_channels must be >= 1"):
         VAEConfig(z_channels=0)

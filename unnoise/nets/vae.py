@@ -12,14 +12,24 @@ negative evidence lower bound (Kingma & Welling 2014), per image, in nats:
 
 with one-sample reparameterised estimates ``z = mean + exp(logvar / 2) * eps``, ``eps ~ N(0, I)``.
 
-The decoder's scale sigma_x is one learned scalar by default (``decoder_variance="learned"``): its
-optimum is the mean squared reconstruction error, so the bound is tight in sigma_x and the balance of
-reconstruction against KL follows from how well the decoder reconstructs, with no hand-tuned weight
-(the "sigma-VAE" of Rybkin et al. 2021; LDM's loss also learns one scalar ``logvar``). With
-``"fixed"`` sigma_x stays at ``exp(logvar_init / 2)``: a small fixed sigma_x is a beta-VAE with
-beta = 2 sigma_x^2 on a squared-error loss, for when the latents must keep more detail than the
-bound would pay for. ``kl_weight`` in :func:`vae_loss` reweights KL in the trained loss only (LDM
-uses 1e-6 beside a perceptual loss); the reported -ELBO always weights it by 1.
+The decoder's scale sigma_x is one scalar. For any reconstruction, the -ELBO is smallest at
+``sigma_x^2 = mean (x - decode(z))^2``, the mean squared error; with it the bound is tight in sigma_x
+and the balance of reconstruction against KL follows from how well the decoder reconstructs, with
+no hand-tuned weight. ``decoder_variance``:
+
+- ``"optimal"`` (default): sigma_x^2 is that MSE, computed on each batch (the "optimal sigma-VAE" of
+  Rybkin et al. 2021), floored at the variance (2/255)^2 / 12 of rounding to 256 levels. Chosen
+  because a learned sigma_x moves by about the learning rate per Adam step, so from sigma_x = 1 it
+  takes thousands of steps to reach the MSE, and meanwhile the KL term dominates (measured: after
+  50 steps on fashion-scenes, Adam 1e-3, log sigma_x^2 had moved from 0 to -0.05 while log MSE was
+  about -2.2);
+- ``"learned"``: a parameter, initialised at ``logvar_init`` (LDM's loss also learns one scalar
+  ``logvar``);
+- ``"fixed"``: ``logvar_init`` always; a small fixed sigma_x is a beta-VAE with beta = 2 sigma_x^2 on
+  a squared-error loss, for when the latents must keep more detail than the bound would pay for.
+
+``kl_weight`` in :func:`vae_loss` reweights KL in the trained loss only (LDM uses 1e-6 beside a
+perceptual loss); the reported -ELBO always weights it by 1.
 
 The diffusion model sees ``z * scale_factor`` with ``scale_factor = 1 / std(z)`` over a batch of
 training latents (:func:`latent_scale_factor`, LDM sec. 4.3.2), so latents have unit variance
@@ -52,18 +62,20 @@ __all__ = [
 
 # LDM's DiagonalGaussianDistribution clamps logvar to this range: exp(+-) stays finite in float32
 LOGVAR_RANGE = (-30.0, 20.0)
+# the variance of rounding to 256 levels in [-1, 1], (2/255)^2 / 12: no 8-bit image is known better
+MIN_DECODER_LOGVAR = math.log((2 / 255) ** 2 / 12)
 
 
 @dataclass
 class VAEConfig:
     image_size: int = 56
     in_channels: int = 1
-    base_channels: int = 32
-    channel_mults: tuple[int, ...] = (1, 2, 2)  # channels per level; a 2x downsample between levels
+    base_channels: int = 16
+    channel_mults: tuple[int, ...] = (1, 2, 4)  # channels per level; a 2x downsample between levels
     num_res_blocks: int = 1
     z_channels: int = 4
     attention: bool = True  # self-attention in the middle of encoder and decoder (LDM's mid.attn_1)
-    decoder_variance: Literal["learned", "fixed"] = "learned"
+    decoder_variance: Literal["optimal", "learned", "fixed"] = "optimal"  # how sigma_x is set: module docstring
     logvar_init: float = 0.0  # log sigma_x^2 at initialisation ("learned") or always ("fixed")
 
     def __post_init__(self):
@@ -78,8 +90,10 @@ class VAEConfig:
                 f"image_size={self.image_size} must be divisible by 2**(len(channel_mults) - 1) = {self.factor}; "
                 f"allowed: positive multiples of {self.factor}"
             )
-        if self.decoder_variance not in ("learned", "fixed"):
-            raise ValueError(f"unknown decoder_variance {self.decoder_variance!r}; allowed: 'learned', 'fixed'")
+        if self.decoder_variance not in ("optimal", "learned", "fixed"):
+            raise ValueError(
+                f"unknown decoder_variance {self.decoder_variance!r}; allowed: 'optimal', 'learned', 'fixed'"
+            )
         if not LOGVAR_RANGE[0] <= self.logvar_init <= LOGVAR_RANGE[1]:
             raise ValueError(f"logvar_init must lie in {LOGVAR_RANGE}, got {self.logvar_init}")
 
@@ -96,7 +110,12 @@ class VAEConfig:
 
     @classmethod
     def preset(cls, name: Literal["tiny", "small"], image_size: int = 56, in_channels: int = 1) -> VAEConfig:
-        """Named sizes: "tiny" (tests, f = 2) and "small" (56x56x1 -> 14x14x4 on a CPU)."""
+        """Named sizes: "tiny" (tests, f = 2) and "small" (56x56x1 -> 14x14x4 on a CPU, 0.68M parameters).
+
+        "small" is the default config: on fashion-scenes, batch 32, Adam 2e-3, 240 CPU-seconds (one
+        thread) gave a test PSNR of 23.3 dB (346 steps), against 19.3 dB (174 steps) for base_channels=32,
+        channel_mults=(1, 2, 2) (0.95M), whose 32-channel full-resolution layers cost twice the time.
+        """
         if name == "tiny":
             return cls(image_size, in_channels, base_channels=8, channel_mults=(1, 2), z_channels=2)
         if name == "small":
@@ -154,12 +173,19 @@ class AutoencoderKL(nn.Module):
         dec += [group_norm(ch), nn.SiLU(), nn.Conv2d(ch, cfg.in_channels, 3, padding=1)]
         self.decoder = nn.Sequential(*dec)
 
-        # log sigma_x^2 of p(x | z): one scalar, learned or fixed (a buffer, so it is saved either way)
+        # log sigma_x^2 of p(x | z), when learned or fixed (a buffer, so it is saved either way)
         logvar = torch.tensor(float(cfg.logvar_init))
         if cfg.decoder_variance == "learned":
             self.decoder_logvar = nn.Parameter(logvar)
-        else:
+        elif cfg.decoder_variance == "fixed":
             self.register_buffer("decoder_logvar", logvar)
+
+    def likelihood_logvar(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """log sigma_x^2 of p(x | z) for this batch, a scalar: the optimum ``log mean (x - x_hat)^2``
+        (floored at ``MIN_DECODER_LOGVAR``) with ``decoder_variance="optimal"``, else the stored one."""
+        if self.config.decoder_variance != "optimal":
+            return self.decoder_logvar
+        return (x - x_hat).square().mean().log().clamp(min=MIN_DECODER_LOGVAR)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """q(z | x): x ``(B, C, H, W)`` in [-1, 1] -> ``(mean, logvar)``, each ``(B, z_channels, H/f, W/f)``."""
@@ -207,6 +233,7 @@ class VAELoss:
     kl: Tensor  # KL(q(z | x) || N(0, I)), exact
     nelbo: Tensor  # the negative ELBO, an upper bound on -log p(x) (a density: x is continuous here)
     loss: Tensor  # what training minimises
+    decoder_logvar: Tensor  # the log sigma_x^2 it used
 
 
 def vae_loss(
@@ -216,9 +243,10 @@ def vae_loss(
     if kl_weight < 0:
         raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
     x_hat, mean, logvar = vae(x, generator)
-    recon = gaussian_nll(x, x_hat, vae.decoder_logvar).mean()
+    decoder_logvar = vae.likelihood_logvar(x, x_hat)
+    recon = gaussian_nll(x, x_hat, decoder_logvar).mean()
     kl = gaussian_kl_standard(mean, logvar).mean()
-    return VAELoss(recon=recon, kl=kl, nelbo=recon + kl, loss=recon + kl_weight * kl)
+    return VAELoss(recon, kl, nelbo=recon + kl, loss=recon + kl_weight * kl, decoder_logvar=decoder_logvar.detach())
 
 
 @torch.no_grad()
