@@ -179,11 +179,20 @@ def _read_settings(path: Path) -> dict:
 
 
 def _load(args: argparse.Namespace, expect: str | None = None):
-    """The run of ``--run`` and its sampler (the modality's default unless named), checked."""
+    """The run of ``--run`` and its sampler (the modality's default unless named), checked; under
+    ``sample``, its post-hoc EMA profile (--ema-profile) and autoguidance (--autoguide) applied."""
     from unnoise.modalities.run import load_run
     from unnoise.sampling.samplers import SAMPLERS
 
-    run = load_run(args.run, expect=expect)
+    ema_profile, autoguide = getattr(args, "ema_profile", None), getattr(args, "autoguide", None)
+    if getattr(args, "autoguidance", None) is not None and autoguide is None:
+        raise ValueError("--autoguidance scales --autoguide; give --autoguide BAD_RUN too")
+    run = load_run(args.run, expect=expect, ema_profile=ema_profile)
+    if autoguide is not None:
+        if not autoguide.is_dir():
+            raise FileNotFoundError(f"--autoguide {autoguide}: no run folder there")
+        scale = 2.0 if args.autoguidance is None else args.autoguidance
+        run = run.autoguided(load_run(autoguide), scale)
     args.sampler = args.sampler or run.modality.default_sampler
     if args.sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {args.sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -238,6 +247,10 @@ def _sample(args: argparse.Namespace) -> None:
         return  # not sharded: rank 0 draws and writes
     options = given | {"n": args.n, "sampler": args.sampler, "nfe": args.nfe, "seed": args.seed}
     samples = run.modality.sample(run, **options)
+    if run.guide is not None and run.guide_uses == 0:  # a bug guard: never a silently ignored flag
+        raise RuntimeError(f"{run.name} sampling did not use the run's denoiser, so --autoguide was not applied")
+    if run.weights != "ema":
+        _say(f"weights: {run.weights}")
     written = run.modality.write(run, samples, args.out, **given)
     if written:
         _say(
@@ -260,7 +273,8 @@ def _sample_diffusers(args: argparse.Namespace) -> None:
 
     if args.modality not in (None, "image"):
         raise ValueError(f"--diffusers reads image pipelines (UNet2DModel), not {args.modality}")
-    given = _options(args, ("template", "mr", "control", "control_scale", "trajectory"), {})
+    names = ("template", "mr", "control", "control_scale", "trajectory", "autoguide", "autoguidance", "ema_profile")
+    given = _options(args, names, {})
     if given:
         raise ValueError(f"--diffusers takes --class, --guidance, --eta, --grid; not {', '.join(map(_flag, given))}")
     args.sampler = args.sampler or "dpmpp_2m"

@@ -157,6 +157,29 @@ def _sample(sample: argparse.ArgumentParser) -> None:
         default=1.0,
         help="classifier-free guidance scale (text --control: on the control as a partial MR)",
     )
+    sample.add_argument(
+        "--autoguide",
+        type=Path,
+        default=None,
+        metavar="BAD_RUN",
+        help="autoguidance (EDM2): guide with a weaker run of the same modality and data (smaller or trained "
+        "less); combines with --guidance (both models classifier-free guided); not for text runs",
+    )
+    sample.add_argument(
+        "--autoguidance",
+        type=nonnegative_float,
+        default=None,
+        metavar="W",
+        help="autoguidance scale: D_bad + W (D_run - D_bad) (with --autoguide; default 2; EDM2 tuned 1.7-2.9)",
+    )
+    sample.add_argument(
+        "--ema-profile",
+        type=float,
+        default=None,
+        metavar="SIGMA_REL",
+        help="post-hoc EMA (EDM2): sample with the power EMA of this relative width (0 < SIGMA_REL < 0.2887), "
+        "reconstructed from the run's snapshots (train with posthoc_ema)",
+    )
     sample.add_argument("--class", dest="class_id", type=int, default=None, help="class id (conditional runs)")
     sample.add_argument("--eta", type=nonnegative_float, default=None, help="stochasticity (ddim, *_ancestral, *_sde)")
     sample.add_argument("--grid", default=None, help=_GRID_HELP)

@@ -4,10 +4,15 @@
 the run's objective, the generic loop); ``load_run(run_dir)`` reads any run folder back (this
 version's or an earlier one's) into a :class:`Run`, whose :meth:`Run.denoiser` is the trained
 network as a sigma-space denoiser under the run's objective, classifier-free guided on request.
+Two EDM2 features enter here, so that every modality's sampling gets them through that one
+denoiser: ``load_run(..., ema_profile=sigma_rel)`` loads weights reconstructed by post-hoc EMA,
+and :meth:`Run.autoguided` guides the run with a weaker run of the same task (autoguidance).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,10 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from unnoise.denoisers import EDMPrecond, bf16_autocast, from_discrete, native_bf16
-from unnoise.guidance import conditioned
+from unnoise.guidance import autoguidance, conditioned
 from unnoise.modalities.base import Modality, get_modality, modality_of
 from unnoise.schedules import DiscreteSchedule, make_schedule
-from unnoise.training import loop, runfolder
+from unnoise.training import integrity, loop, runfolder
 from unnoise.training.checkpoint import latest_checkpoint, load_config, load_model_weights
 from unnoise.training.config import TrainConfig
 from unnoise.training.objectives import make_objective
@@ -101,6 +106,9 @@ class Run:
     model: nn.Module
     config: dict[str, Any] = field(default_factory=dict)  # the whole config.json
     path: Path | None = None
+    weights: str = "ema"  # which weights the model holds, in words (ema, model, or the post-hoc EMA profile)
+    guide: tuple[Run, float] | None = None  # autoguidance: the bad run and the scale (:meth:`autoguided`)
+    guide_uses: int = field(default=0, compare=False, repr=False)  # denoisers made with the guide
 
     @property
     def name(self) -> str:
@@ -147,7 +155,47 @@ class Run:
         self, cond: Tensor | None, null: Tensor | None, guidance: float = 1.0, bf16: bool | None = None
     ) -> Denoiser:
         """``D(x, sigma)`` given ``cond`` (None: unconditional, the null condition if the run has one),
-        classifier-free guided with scale ``guidance`` (1: plain conditional)."""
+        classifier-free guided with scale ``guidance`` (1: plain conditional); autoguided if the run
+        is :meth:`autoguided`, with the bad run at the same condition and classifier-free guidance:
+        D = CFG_bad + w (CFG_good - CFG_bad) (:func:`unnoise.guidance.autoguidance`)."""
+        D = self._denoiser(cond, null, guidance, bf16)
+        if self.guide is None:
+            return D
+        bad, scale = self.guide
+        self.guide_uses += 1
+        return autoguidance(D, bad._denoiser(cond, null, guidance, bf16), scale)
+
+    def autoguided(self, bad: Run, scale: float) -> Run:
+        """This run guided by ``bad``, a weaker run of the same task (smaller, or trained less), with
+        scale w (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"; EDM2's
+        tuned w are 1.7 to 2.9): a copy whose every denoiser is D_bad + w (D_self - D_bad).
+
+        ``bad`` must be of the same modality, data, conditioning and sample shape (its objective may
+        differ: both are sigma-space denoisers); text runs are refused, as each diffuses in word
+        embeddings it learned itself."""
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"the autoguidance scale must be a finite number >= 0 (1: no guidance), got {scale}")
+        where = bad.path or "the guiding run"
+        if bad.name != self.name:
+            raise ValueError(
+                f"{where} is a run of modality {bad.name}; this run is of {self.name}: autoguidance needs the same"
+            )
+        if self.name in LEARNED_SPACES:
+            raise ValueError(f"{self.name} runs cannot be autoguided: {LEARNED_SPACES[self.name]}")
+        mine, theirs = self.modality.sample_shape(self), bad.modality.sample_shape(bad)
+        if tuple(mine) != tuple(theirs):
+            raise ValueError(f"{where} draws samples of shape {tuple(theirs)}; this run's are {tuple(mine)}")
+        for name in ("data", "conditional"):
+            a, b = getattr(self.cfg, name), getattr(bad.cfg, name)
+            if a != b:
+                raise ValueError(
+                    f"{where} was trained with {name} {b!r}, this run with {a!r}: autoguidance needs both the same"
+                )
+        return dataclasses.replace(self, guide=(bad, scale), guide_uses=0)
+
+    def _denoiser(self, cond: Tensor | None, null: Tensor | None, guidance: float, bf16: bool | None) -> Denoiser:
+        """:meth:`denoiser` without autoguidance."""
         D = self.conditional_denoiser(bf16)
         if cond is None:
             if guidance != 1.0 and null is None:
@@ -160,10 +208,23 @@ class Run:
         return conditioned(D, cond, null, guidance)
 
 
-def load_run(run_dir: str | Path, which: str = "ema", expect: str | None = None) -> Run:
+# Modalities whose diffusion space is learned by each run, so that two runs' denoisers do not
+# speak the same space (a reason for each, for the refusal).
+LEARNED_SPACES: dict[str, str] = {"text": "each text run diffuses in word embeddings it learned itself"}
+
+
+def load_run(
+    run_dir: str | Path, which: str = "ema", expect: str | None = None, *, ema_profile: float | None = None
+) -> Run:
     """A run folder of any modality with its EMA (or ``which="model"``: raw) weights, ready to sample.
 
-    ``expect`` names the modality the caller needs (one line if the run is another)."""
+    ``expect`` names the modality the caller needs (one line if the run is another).
+    ``ema_profile=sigma_rel``: the weights of a power-function EMA of that relative width at the
+    run's last snapshot, reconstructed from its post-hoc EMA snapshots
+    (:func:`unnoise.training.posthoc_ema.reconstruct`; the run must have been trained with
+    ``posthoc_ema``)."""
+    if ema_profile is not None and which != "ema":
+        raise ValueError(f"ema_profile reconstructs EMA weights; it does not combine with which={which!r}")
     config = load_config(run_dir)
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         raise ValueError(f"{Path(run_dir) / 'config.json'} is not a run's config (no 'train' section)")
@@ -185,4 +246,28 @@ def load_run(run_dir: str | Path, which: str = "ema", expect: str | None = None)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}: train first (unnoise train {name} ...)")
     load_model_weights(step, model, which=which)
-    return getattr(modality, "run_type", Run)(modality, cfg, model.eval(), config, Path(run_dir))
+    weights = which
+    if ema_profile is not None:
+        weights = _load_ema_profile(Path(run_dir), model, ema_profile)
+    return getattr(modality, "run_type", Run)(modality, cfg, model.eval(), config, Path(run_dir), weights)
+
+
+def _load_ema_profile(run_dir: Path, model: nn.Module, sigma_rel: float) -> str:
+    """Load post-hoc EMA weights of width ``sigma_rel`` into ``model``; returns what was loaded, in words."""
+    from unnoise.training.posthoc_ema import check_sigma_rel, describe, find_snapshots, reconstruct
+
+    sigma_rel = check_sigma_rel(sigma_rel, "the EMA profile's sigma_rel")
+    snapshots = find_snapshots(run_dir)
+    if not snapshots:
+        raise ValueError(
+            f'{run_dir} has no post-hoc EMA snapshots: train it with posthoc_ema (e.g. "posthoc_ema": [0.05, 0.1] '
+            "in --config) to choose an EMA profile after training"
+        )
+    weights = reconstruct(snapshots, sigma_rel)
+    expected = model.state_dict()
+    if weights.keys() != expected.keys() or any(weights[k].shape != v.shape for k, v in expected.items()):
+        raise ValueError(f"{run_dir}: its post-hoc EMA snapshots do not fit the run's network")
+    integrity.check_finite(weights, f"{run_dir}: the post-hoc EMA weights")
+    model.load_state_dict(weights)
+    last = max(s.step for s in snapshots)
+    return f"post-hoc EMA sigma_rel {sigma_rel:g} at step {last} from {describe(snapshots)}"
