@@ -34,6 +34,7 @@ __all__ = [
     "draw_scene",
     "fashion_scenes",
     "load_captioned_folder",
+    "real_scenes",
     "render_scene",
     "scene_labels",
 ]
@@ -139,6 +140,22 @@ def fashion_scenes(
         captions.append(caption(scene, template, order=[int(i) for i in rng.permutation(len(scene))]))
         scenes.append(scene)
     return CaptionedImages(torch.stack(images), captions, scenes)
+
+
+def real_scenes(
+    scenes: Sequence[Scene],
+    split: Literal["train", "test"] = "test",
+    *,
+    seed: int = 0,
+    pool: ImageDataset | None = None,
+) -> Tensor:
+    """Real canvases uint8 ``(N, 1, 56, 56)`` laid out per ``scenes`` (e.g. parsed prompts) from ``split``'s
+    items (or ``pool``'s): the reference that generated scenes are scored beside."""
+    if not len(scenes):
+        raise ValueError("real_scenes needs at least one scene")
+    pool = load_fashion_mnist(split) if pool is None else pool
+    by_class, rng = _by_class(pool), np.random.default_rng([seed, 2])
+    return torch.stack([render_scene(scene, pool, rng, by_class) for scene in scenes])
 
 
 # --- any folder of images with captions in metadata.jsonl ------------------------------------------------
