@@ -22,14 +22,16 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, capsys):
     assert len(err) == 1 and "error" in err[0]
 
 
-def test_value_errors_become_one_line(monkeypatch, capsys):
-    import unnoise.modalities.toy.demo
+def test_value_errors_become_one_line(monkeypatch, capsys, tmp_path):
+    import unnoise.modalities.toy.modality
 
     def boom(cfg):
         raise ValueError("something is wrong; allowed: this")
 
-    monkeypatch.setattr(unnoise.modalities.toy.demo, "run_demo", boom)
-    assert main(["demo", "toy"]) == 2
+    # the name the toy modality calls (patching only toy.demo misses it once modality.py is imported),
+    # and an --out in tmp_path: were the patch to miss, the real demo would not write into the cwd
+    monkeypatch.setattr(unnoise.modalities.toy.modality, "run_demo", boom)
+    assert main(["demo", "toy", "--out", str(tmp_path / "demo")]) == 2
     assert capsys.readouterr().err == "unnoise demo: error: something is wrong; allowed: this\n"
 
 
