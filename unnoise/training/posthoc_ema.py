@@ -13,7 +13,7 @@ the density p_t integrated over (tau - 1, tau], with theta constant within a ste
 Training keeps one or two such EMAs (``TrainConfig.posthoc_ema``: their sigma_rels) and saves
 them every ``posthoc_snapshot_every`` steps (:func:`unnoise.training.loop.train`). Any other
 profile (t, sigma_rel) is then approximated by the linear combination of snapshots whose weight
-density is closest to the target's in L2 over tau (App. C.3, Algorithm 3): solve A x = b with
+density is closest to the target's in L2 over tau (App. C, Algorithm 3): solve A x = b with
 A_ij = <p_i, p_j> and b_i = <p_i, p_target> (closed form, Eq. 151), normalise x to sum to 1,
 and average the snapshots' weights with x (:func:`reconstruct`). Times are optimizer steps
 here (EDM2 counts images; with a constant batch the profiles are the same).
@@ -56,7 +56,7 @@ def check_sigma_rel(sigma_rel: float, what: str = "sigma_rel") -> float:
         raise ValueError(f"{what} must be a number in (0, {SIGMA_REL_MAX:.4f}), got {sigma_rel!r}") from None
     if not 0 < s < SIGMA_REL_MAX:  # also refuses NaN
         raise ValueError(
-            f"{what} must lie in (0, {SIGMA_REL_MAX:.4f}) (the power EMA's relative width; EDM2 uses 0.05-0.2), "
+            f"{what} must lie in (0, {SIGMA_REL_MAX:.4f}) (the power EMA's relative width; EDM2 tracks 0.05 and 0.1), "
             f"got {sigma_rel}"
         )
     return s
@@ -164,7 +164,7 @@ def solve_coefficients(
 
 def reconstruct(snapshots: Sequence[Snapshot], target_sigma_rel: float, step: int | None = None) -> dict[str, Tensor]:
     """The weights of a power EMA of width ``target_sigma_rel`` at ``step`` (default: the last snapshot's),
-    as the least-squares combination of the snapshots taken up to then (App. C.3, Algorithm 3).
+    as the least-squares combination of the snapshots taken up to then (App. C, Algorithm 3).
 
     Floating tensors are combined in float64 and returned in their stored dtype; other tensors
     (integer buffers) are the latest snapshot's. Snapshots are loaded one at a time.
