@@ -154,9 +154,9 @@ class LinearEncoder(torch.nn.Module):
 def test_latent_scale_factor_is_one_over_the_latent_std():
     x = torch.randn(4000, 1, 4, 4)  # var(x) = 1
     g = torch.Generator().manual_seed(1)  # not 0: conftest's global seed 0 drew x, and eps = x would give 7x
-    f = latent_scale_factor(LinearEncoder(3.0, 4.0), x, batch_size=512, generator=g)
+    f = latent_scale_factor(LinearEncoder(3.0, 4.0), x, batch_size=512, sample=True, generator=g)
     assert f == pytest.approx(1 / 5.0, rel=0.01)  # 1 / sqrt(9 + 16)
-    f_mean = latent_scale_factor(LinearEncoder(3.0, 4.0), x, sample=False)
+    f_mean = latent_scale_factor(LinearEncoder(3.0, 4.0), x)  # the posterior mean by default
     assert f_mean == pytest.approx(1 / 3.0, rel=0.01)
     with pytest.raises(ValueError, match="std 0"):
         latent_scale_factor(LinearEncoder(0.0, 1.0), x, sample=False)

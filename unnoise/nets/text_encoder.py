@@ -116,7 +116,7 @@ class Vocabulary:
 @dataclass
 class TextEncoderConfig:
     vocab_size: int
-    max_len: int = 32  # the most tokens per prompt (learned positions)
+    max_len: int = 48  # the most tokens per prompt (learned positions); the longest fashion-scenes caption has 38
     width: int = 64  # feature size: the U-Net's context_dim
     depth: int = 2
     heads: int = 4

@@ -255,12 +255,15 @@ def latent_scale_factor(
     images: Tensor,
     *,
     batch_size: int = 256,
-    sample: bool = True,
+    sample: bool = False,
     generator: torch.Generator | None = None,
 ) -> float:
     """LDM's ``scale_factor = 1 / std(z)`` over every element of the latents of ``images`` (in [-1, 1]).
 
-    ``z`` is drawn from q(z | x) (``sample=True``, as LDM's ``get_first_stage_encoding``) or is its mean.
+    ``z`` is the posterior mean (default) or a draw from q(z | x) (``sample=True``, as LDM's
+    ``get_first_stage_encoding``). Estimate it from the latents the diffusion will train on: under the
+    full ELBO the posterior noise is large (on fashion-scenes after 378 steps: std 1.05 for draws,
+    0.72 for means), so a factor from draws leaves the scaled means at std 0.69, not 1.
     """
     if len(images) < 1:
         raise ValueError("latent_scale_factor needs at least one image")

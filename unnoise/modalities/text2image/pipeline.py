@@ -80,7 +80,8 @@ class LatentCodec(nn.Module):
 
     @torch.no_grad()
     def encode(self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """``scale_factor * z``, z the posterior mean (``sample=False``) or a draw from q(z | x)."""
+        """``scale_factor * z``, z the posterior mean (``sample=False``, as :func:`latent_scale_factor`
+        estimates the factor by default) or a draw from q(z | x)."""
         mean, logvar = self.vae.encode(to_model(images))
         z = reparameterize(mean, logvar, generator) if sample else mean
         return self.scale_factor * z
