@@ -3,7 +3,8 @@
 For each mixture of the random validation family (benchmarks/mixtures.py, VALIDATION_SEED;
 never used by benchmarks/tune_grids.py) and each schedule (diffusers' linear and cosine DDPM
 betas with T = 1000, and the EDM range 0.002..80), every method starts from the same noise and
-spends at most NFE (5, 10, 20) denoiser calls of the exact mixture denoiser. Per-sample error:
+spends at most NFE (5, 10, 20) denoiser calls of the exact mixture denoiser; unnoise is told the
+data's standard deviation (sigma_data, as a trained run records it), diffusers needs none. Per-sample error:
 RMS over coordinates of (sample - exact PF-ODE solution from the same noise). Per cell
 (mixture x schedule x NFE) and side: RMS, median, p90 and max of it, and the mode-flip rate
 (share of samples whose most responsible component differs from the exact solution's). The
@@ -32,6 +33,12 @@ SCHEDULES = ("linear", "cosine", "edm")
 DEFAULT = "unipc"  # unnoise's default ODE sampler here (the README's example), on its default grid
 # unnoise variants also measured: (label, sampler, grid); the first is the default.
 VARIANTS = [(DEFAULT, DEFAULT, None), ("dpmpp_3m", "dpmpp_3m", None), ("unipc/log_snr", "unipc", "log_snr")]
+
+
+def data_std(mix) -> float:
+    """The data's standard deviation per coordinate, sqrt(mean diagonal of the covariance): what a
+    trained run records as sigma_data, and what unnoise's tuned grid is centred on."""
+    return math.sqrt(mix.covariance().diagonal().mean().item())
 
 
 def per_sample(mix, out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -80,6 +87,7 @@ def cell(mix, schedule: str, nfes: list[int], n: int, seed: int) -> list[dict]:
             out = unnoise.sample(
                 mix.denoise, sched.sigma_max * noise, sampler=name, nfe=nfe, grid=grid,
                 sigma_max=sched.sigma_max, sigma_min=sched.sigma_min, schedule=None if schedule == "edm" else sched,
+                sigma_data=data_std(mix),
             )  # fmt: skip
             rows.append({"side": "unnoise", "method": label, "nfe": nfe} | per_sample(mix, out, ref(sched.sigma_max)))
     theirs = (

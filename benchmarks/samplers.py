@@ -99,9 +99,12 @@ def _true_shares(mix: GaussianMixture) -> torch.Tensor:
 
 
 def run_ours(name: str, mix, x, nfe: int, sched) -> torch.Tensor:
+    from sampler_validation import data_std
+
     return unnoise.sample(
-        mix.denoise, x, sampler=name, nfe=nfe, sigma_max=sched.sigma_max, sigma_min=sched.sigma_min, schedule=sched
-    )
+        mix.denoise, x, sampler=name, nfe=nfe, sigma_max=sched.sigma_max, sigma_min=sched.sigma_min, schedule=sched,
+        sigma_data=data_std(mix),
+    )  # fmt: skip
 
 
 def run_theirs(cls: str, kw: dict, mix, x, nfe: int) -> torch.Tensor:

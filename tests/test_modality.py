@@ -57,3 +57,27 @@ def test_a_bf16_run_samples_in_bf16_only_where_the_machine_has_it(gauss, tmp_pat
     seen.clear()
     run.denoiser(None, None, bf16=True)(torch.zeros(1, 4), torch.tensor(1.0))  # asked for: always
     assert seen == [True]
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "edm"])
+def test_a_run_records_its_data_scale_and_centres_the_sampling_grid_on_it(gauss, tmp_path, objective):
+    """config.json records the encoded data's std; the run's denoisers carry it as ``sigma_data``,
+    which unnoise.sample's tuned grid is centred on (EDM's sigma_data defaults to the same)."""
+    import torch
+
+    from unnoise.modalities.run import load_run
+    from unnoise.sampling.front import data_scale
+
+    assert main(["train", "gauss", "--steps", "2", "--objective", objective, "--out", str(tmp_path / "run")]) == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    run = load_run(tmp_path / "run")
+    data = run.modality.training_data(run.cfg)
+    expected = run.modality.encode(run.model, data.x[:4096]).x0.double().std().item()
+    assert saved["extra"]["data_std"] == pytest.approx(expected, rel=1e-5)
+    if objective == "edm":
+        assert saved["sigma_data"] == saved["extra"]["data_std"]
+    D = run.denoiser(None, None)
+    assert data_scale(D) == pytest.approx(expected, rel=1e-5)
+    del run.cfg.extra["data_std"]  # a run from before the scale was recorded: EDM's sigma_data, else the default
+    assert data_scale(run.denoiser(None, None)) == (saved["sigma_data"] if objective == "edm" else 1.0)
+    assert torch.isfinite(D(torch.zeros(2, 4), torch.tensor(1.0))).all()

@@ -73,9 +73,10 @@ def train(
     if data.cond is None:  # unlabelled data, or --unconditional: no condition to drop, none recorded
         cfg.conditional, cfg.p_uncond = False, 0.0
     model = modality.build(cfg, data)
+    with torch.no_grad():  # the data's scale: EDM's sigma_data if unset, and the tuned sampling grid's centre
+        cfg.extra["data_std"] = round(modality.encode(model, data.x[:4096]).x0.double().std().item(), 6)
     if cfg.objective == "edm" and cfg.sigma_data is None:
-        with torch.no_grad():
-            cfg.sigma_data = round(modality.encode(model, data.x[:4096]).x0.double().std().item(), 6)
+        cfg.sigma_data = cfg.extra["data_std"]
     objective = make_objective(cfg, modality.encode, data.null)
     cond = data.cond if data.cond is not None else torch.zeros(len(data.x), dtype=torch.long)
 
@@ -159,11 +160,19 @@ class Run:
         is :meth:`autoguided`, with the bad run at the same condition and classifier-free guidance:
         D = CFG_bad + w (CFG_good - CFG_bad) (:func:`unnoise.guidance.autoguidance`)."""
         D = self._denoiser(cond, null, guidance, bf16)
-        if self.guide is None:
-            return D
-        bad, scale = self.guide
-        self.guide_uses += 1
-        return autoguidance(D, bad._denoiser(cond, null, guidance, bf16), scale)
+        if self.guide is not None:
+            bad, scale = self.guide
+            self.guide_uses += 1
+            D = autoguidance(D, bad._denoiser(cond, null, guidance, bf16), scale)
+        D.sigma_data = self.data_std  # the samplers' tuned grid is centred on it (None: their default)
+        return D
+
+    @property
+    def data_std(self) -> float | None:
+        """The standard deviation of the encoded training data (runs before it was recorded: EDM's
+        sigma_data, else None)."""
+        std = self.cfg.extra.get("data_std", self.cfg.sigma_data if self.cfg.objective == "edm" else None)
+        return None if std is None else float(std)
 
     def autoguided(self, bad: Run, scale: float) -> Run:
         """This run guided by ``bad``, a weaker run of the same task (smaller, or trained less), with
