@@ -6,7 +6,8 @@ configuration runs in its own process (so peak RSS is its own) and prints images
 loss over the last steps, peak memory, and the FLOP utilisation against the machine's measured
 fp32 and bf16 matmul peaks.
 
-Run: python benchmarks/train_throughput.py [--steps 60] [--threads 1]   (needs apt-get install dataset-fashion-mnist)
+Run: python benchmarks/train_throughput.py [--steps 60] [--threads 1] [--configs NAME ...]
+(needs apt-get install dataset-fashion-mnist)
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
+                        help="configurations to run (diffusers fp32 always runs: it is the reference)")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -131,7 +134,7 @@ def main() -> None:
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peaks (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     rows = []
-    for name in CONFIGS:
+    for name in ["diffusers fp32"] + [c for c in args.configs if c != "diffusers fp32"]:
         out = subprocess.run(
             [sys.executable, __file__, "--one", name, "--steps", str(args.steps)]
             + (["--threads", str(args.threads)] if args.threads else []),
