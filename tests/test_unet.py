@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from unnoise.nets.layers import CrossAttention
+from unnoise.nets.layers import CrossAttention, Dropout
 from unnoise.nets.unet import PRESETS, Attention, UNet, UNetConfig
 
 
@@ -237,6 +237,37 @@ def test_bad_waveform_configs():
         waveform(dims=3)
     with pytest.raises(ValueError, match="factor must be >= 2"):
         waveform(factor=1)
+
+
+# --- dropout from 16-bit draws ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_drops_a_fraction_p_and_keeps_the_mean(dtype):
+    torch.manual_seed(0)
+    x = torch.ones(400_000, dtype=dtype)
+    y = Dropout(0.1)(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - 6554 / 65536) < 4 * (0.1 * 0.9 / x.numel()) ** 0.5  # 4 standard errors
+    torch.testing.assert_close(y[y != 0], torch.full_like(y[y != 0], 65536 / (65536 - 6554)))
+    # each of the four 16-bit words of a draw drops independently, so no position is favoured
+    per_word = (y.reshape(-1, 4) == 0).double().mean(0)
+    assert (per_word - 0.1).abs().max() < 4 * (0.1 * 0.9 / (x.numel() / 4)) ** 0.5
+
+
+def test_dropout_masks_the_gradient_like_the_output_and_is_the_identity_in_eval():
+    x = torch.randn(3, 5, 7, 11, requires_grad=True)  # numel not a multiple of 4
+    drop = Dropout(0.3)
+    torch.manual_seed(1)
+    y = drop(x)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.where(y != 0, 65536 / (65536 - round(0.3 * 65536)), 0.0))
+    torch.manual_seed(1)
+    torch.testing.assert_close(drop(x), y)  # the masks come from the global generator
+    assert drop.eval()(x) is x and Dropout(0.0)(x) is x
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Dropout(1.0)
 
 
 # --- cross-attention to a context (LDM sec. 3.3) --------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unnoise.nets.layers import Attention, conv, group_norm, timestep_embedding, zero_init
+from unnoise.nets.layers import Attention, Dropout, conv, group_norm, timestep_embedding, zero_init
 
 Preset = Literal["tiny", "small", "cifar"]
 PRESETS: tuple[str, ...] = ("tiny", "small", "cifar")
@@ -119,7 +119,7 @@ class ResBlock(nn.Module):
         super().__init__()
         self.norm1, self.conv1 = group_norm(c_in), conv(dims, c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)  # -> [scale, shift]
-        self.norm2, self.drop = group_norm(c_out), nn.Dropout(dropout)
+        self.norm2, self.drop = group_norm(c_out), Dropout(dropout)  # 4x cheaper masks than nn.Dropout's
         self.conv2 = zero_init(conv(dims, c_out, c_out, 3, padding=1))
         self.skip = nn.Identity() if c_in == c_out else conv(dims, c_in, c_out, 1)
 
