@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from unnoise.nets.layers import CrossAttention, Dropout
+from unnoise.nets.layers import CrossAttention, Dropout, Pointwise1d, Pointwise2d, conv
 from unnoise.nets.unet import PRESETS, Attention, UNet, UNetConfig
 
 
@@ -239,7 +239,7 @@ def test_bad_waveform_configs():
         waveform(factor=1)
 
 
-# --- dropout from 16-bit draws ----------------------------------------------------------------------
+# --- the cheaper layers: dropout from 16-bit draws, 1x1 convolutions as matmuls ---------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -268,6 +268,28 @@ def test_dropout_masks_the_gradient_like_the_output_and_is_the_identity_in_eval(
     assert drop.eval()(x) is x and Dropout(0.0)(x) is x
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         Dropout(1.0)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_a_pointwise_conv_is_the_1x1_convolution(dims):
+    torch.manual_seed(2)
+    p = conv(dims, 6, 4, 1)
+    assert isinstance(p, Pointwise1d if dims == 1 else Pointwise2d)
+    ref = (torch.nn.Conv1d if dims == 1 else torch.nn.Conv2d)(6, 4, 1)
+    ref.load_state_dict(p.state_dict())  # same names and shapes: checkpoints load either way
+    x = torch.randn(3, 6, *((9,) if dims == 1 else (5, 7)), dtype=torch.float64, requires_grad=True)
+    p, ref = p.double(), ref.double()
+    out, expected = p(x), ref(x)
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), [x, p.weight, p.bias])
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), [x, ref.weight, ref.bias]), strict=True):
+        torch.testing.assert_close(got, want)
+    if dims == 2:  # a channels-last input gives the same numbers
+        torch.testing.assert_close(p(x.contiguous(memory_format=torch.channels_last)), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 under autocast, as the convolution is
+        y = p.float()(x.detach().float())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), atol=0.05, rtol=0.02)
 
 
 # --- cross-attention to a context (LDM sec. 3.3) --------------------------------------------------------

@@ -30,8 +30,37 @@ def group_norm(channels: int) -> nn.GroupNorm:
 
 
 def conv(dims: int, c_in: int, c_out: int, kernel: int, **kw) -> nn.Module:
-    """A 1-D or 2-D convolution."""
+    """A 1-D or 2-D convolution; a 1x1 one (no other settings) runs as a batched matmul (:class:`Pointwise2d`)."""
+    if kernel == 1 and not kw:
+        return (Pointwise1d if dims == 1 else Pointwise2d)(c_in, c_out, 1)
     return (nn.Conv1d if dims == 1 else nn.Conv2d)(c_in, c_out, kernel, **kw)
+
+
+class _Pointwise:
+    """A 1x1 convolution computed as ``bias + W @ x`` per sample: ``(B, c_in, *S)`` -> ``(B, c_out, *S)``.
+
+    The same function, parameters, names and initialisation as the convolution, but in bf16 the CPU's
+    convolution (oneDNN) reorders its input, output and gradients to channels-last and back; the
+    batched matmul reads NCHW as it is. A 96 -> 32 skip conv at 28x28, batch 64, bf16, forward and
+    backward: 17 ms against 28-45 ms. (baddbmm is on autocast's bf16 list, like conv2d.)
+    """
+
+    weight: Tensor
+    bias: Tensor
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C = x.shape[:2]
+        w = self.weight.reshape(1, -1, C).expand(B, -1, -1)  # (B, c_out, c_in), no copy
+        out = torch.baddbmm(self.bias.reshape(1, -1, 1), w, x.reshape(B, C, -1))  # (B, c_out, prod(S))
+        return out.reshape(B, -1, *x.shape[2:])
+
+
+class Pointwise1d(_Pointwise, nn.Conv1d):
+    """:class:`_Pointwise` with ``nn.Conv1d``'s parameters."""
+
+
+class Pointwise2d(_Pointwise, nn.Conv2d):
+    """:class:`_Pointwise` with ``nn.Conv2d``'s parameters."""
 
 
 def zero_init(module: nn.Module) -> nn.Module:
