@@ -179,7 +179,9 @@ def _train(cfg, run, net, x0, labels, loss_fn, resume, overwrite, on_sample, pro
     ema = copy.deepcopy(net).requires_grad_(False)
     power = PowerEMA(net, cfg.posthoc_ema) if cfg.posthoc_ema else None
     power_state = {"posthoc_ema": list(cfg.posthoc_ema)} if power is not None else {}  # checked on resume
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for the whole update (small preset on a CPU: 2.6-6 ms vs 19 ms per step)
+    fused = device.type in ("cpu", "cuda")
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
     state = TrainState()
     if resume:
         step = latest_checkpoint(run)
