@@ -6,7 +6,7 @@ configuration runs in its own process (so peak RSS is its own) and prints images
 loss over the last steps, peak memory, and the FLOP utilisation against the machine's measured
 fp32 and bf16 matmul peaks.
 
-Run: python benchmarks/train_throughput.py [--steps 60] [--threads 1] [--configs NAME ...]
+Run: python benchmarks/train_throughput.py [--steps 60] [--threads 1] [--configs NAME ...] [--repeats 3]
 (needs apt-get install dataset-fashion-mnist)
 """
 
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: all cores)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), metavar="NAME",
                         help="configurations to run (diffusers fp32 always runs: it is the reference)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration, interleaved; median reported")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -133,28 +134,39 @@ def main() -> None:
         return
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peaks (2048^3): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    # --repeats N runs every configuration N times, interleaved (diffusers, unnoise..., diffusers, ...),
+    # and reports the median images/s: on a shared machine other load comes and goes within minutes,
+    # and interleaving spreads it over both sides instead of over whichever ran at the time
+    names = ["diffusers fp32"] + [c for c in args.configs if c != "diffusers fp32"]
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name in names:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", name, "--steps", str(args.steps)]
+                + (["--threads", str(args.threads)] if args.threads else []),
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode:
+                print(f"{name}: failed: {out.stderr.strip().splitlines()[-1]}")
+                continue
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     rows = []
-    for name in ["diffusers fp32"] + [c for c in args.configs if c != "diffusers fp32"]:
-        out = subprocess.run(
-            [sys.executable, __file__, "--one", name, "--steps", str(args.steps)]
-            + (["--threads", str(args.threads)] if args.threads else []),
-            capture_output=True,
-            text=True,
-        )
-        if out.returncode:
-            print(f"{name}: failed: {out.stderr.strip().splitlines()[-1]}")
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    for results in runs.values():
+        if results:
+            rates = sorted(r["images_per_s"] for r in results)
+            median = next(r for r in results if r["images_per_s"] == rates[len(rates) // 2])
+            rows.append(median | {"all_images_per_s": [r["images_per_s"] for r in results]})
     ref = next(r for r in rows if r["name"] == "diffusers fp32")
-    header = f"| config | params | images/s | x diffusers | loss (last 10 of {args.steps}) | peak RSS MB | FLOP util |"
-    print("\n" + header)
-    print("|---|---|---|---|---|---|---|")
+    header = f"| config | params | images/s (median of {args.repeats}) | x diffusers | loss (last 10 of {args.steps}) "
+    print("\n" + header + "| peak RSS MB | FLOP util | images/s, each run |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = peaks["bf16" if "bf16" in r["name"] else "fp32"]
         print(
             f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['images_per_s']:.0f} | "
             f"{r['images_per_s'] / ref['images_per_s']:.2f} | {r['loss']:.4f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['flops_per_s'] / peak:.1%} |"
+            f"{r['flops_per_s'] / peak:.1%} | {', '.join(f'{v:.0f}' for v in r['all_images_per_s'])} |"
         )
     best = max((r for r in rows if r["name"] != "diffusers fp32"), key=lambda r: r["images_per_s"])
     ratio = best["images_per_s"] / ref["images_per_s"]
