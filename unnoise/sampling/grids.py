@@ -55,11 +55,11 @@ TUNED: dict[str, dict[int, dict[str, float]]] = {
         20: dict(center=0.3723, width=3.016, floor=1.758e-06, tail=0.9993),  # NFE 20: mean log error -5.341
         50: dict(center=0.5207, width=2.662, floor=1.879e-06, tail=3.572e-07),  # NFE 50: mean log error -7.277
     },
-    "unipc": {
-        5: dict(center=1.38, width=1.859, floor=0.005718, tail=0.5007),  # NFE 5: mean log error -2.186
-        10: dict(center=1.311, width=1.667, floor=6.685e-07, tail=0.5006),  # NFE 10: mean log error -3.653
-        20: dict(center=0.5371, width=2.127, floor=2.862e-05, tail=0.5215),  # NFE 20: mean log error -5.782
-        50: dict(center=0.4826, width=1.934, floor=1.049e-10, tail=0.321),  # NFE 50: mean log error -7.823
+    "unipc": {  # relative: benchmarks/tune_grids.py unipc (--count 50), objective per NFE on the fitting family
+        5: dict(center=0.971, width=1.624, floor=0.01101, tail=0.7744),  # NFE 5: geomean ratio 0.301, worst 6.33
+        10: dict(center=0.8749, width=1.506, floor=0.03911, tail=0.9114),  # NFE 10: geomean ratio 0.291, worst 7.90
+        20: dict(center=0.5837, width=1.867, floor=1.032e-06, tail=1),  # NFE 20: geomean ratio 0.197, worst 20.4
+        50: dict(center=0.3374, width=2.08, floor=0.000327, tail=0.2004),  # NFE 50: mean log error -7.421
     },
     "unipc_bh1": {
         5: dict(center=1.148, width=1.578, floor=0.301, tail=0.9255),  # NFE 5: mean log error -2.181
