@@ -24,3 +24,14 @@ def one_line_exit_2(main, argv, capsys, match: str) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0], err
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny nets gain nothing from intra-op threads, and on a busy machine OpenMP's barriers cost
+    seconds per forward: a module marked ``pytest.mark.usefixtures("one_thread")`` runs on one
+    thread, and the setting is restored for the other modules."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

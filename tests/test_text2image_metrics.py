@@ -16,13 +16,7 @@ from unnoise.modalities.text2image.metrics import (
     split_cells,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FlatReader(torch.nn.Module):

@@ -11,13 +11,7 @@ from unnoise.nets.text_encoder import NULL, PAD, TextEncoder, TextEncoderConfig
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.nets.vae import AutoencoderKL, VAEConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def text_net(width: int = 16) -> TextToImageNet:

@@ -8,13 +8,7 @@ from unnoise.nets.text_encoder import NULL, PAD, UNK, TextEncoder, TextEncoderCo
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.schema import from_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def scene_vocab() -> Vocabulary:

@@ -8,15 +8,7 @@ import torch
 from unnoise.nets.layers import CrossAttention, Dropout, Pointwise1d, Pointwise2d, conv
 from unnoise.nets.unet import PRESETS, Attention, UNet, UNetConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tiny nets gain nothing from intra-op threads, and on a busy machine OpenMP's barriers cost
-    # seconds per forward; restore the setting for the other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(image_size: int = 8, in_channels: int = 2, num_classes: int | None = None, **kw) -> UNetConfig:

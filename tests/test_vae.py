@@ -17,13 +17,7 @@ from unnoise.nets.vae import (
 )
 from unnoise.schema import from_dict
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> VAEConfig:

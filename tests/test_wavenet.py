@@ -10,13 +10,7 @@ from unnoise.nets.wavenet import PRESETS, DiffWave, WaveNetConfig
 N = 192  # waveform samples; a multiple of the mel hop used below
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the tiny nets gain nothing from intra-op threads; restore the setting for the other test modules
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw) -> WaveNetConfig:

@@ -144,9 +144,9 @@ def sample_rk45(
 
 def _finish_unipc(denoise: Denoiser, x: Tensor, s_hi: float, s_lo: float, n: int, i0: int, callback) -> Tensor:
     """UniPC-bh2 (order 2) from s_hi to 0 in n calls, on UniPC's default grid restricted to [s_lo, s_hi]."""
-    from unnoise.sampling.grids import make_grid
+    from unnoise.sampling.grids import DEFAULT_SIGMA_DATA, make_grid
 
-    scale = getattr(denoise, "sigma_data", None) or 1.0  # the data scale, if the denoiser carries one
+    scale = getattr(denoise, "sigma_data", None) or DEFAULT_SIGMA_DATA  # the data scale, if the denoiser carries one
     grid = (
         make_grid("tuned", n, s_lo, s_hi, sampler="unipc", sigma_data=scale)
         if s_hi > s_lo
