@@ -134,6 +134,10 @@ def _train(args: argparse.Namespace) -> None:
         train_control(args.out, steps=args.steps or 2000, seed=args.seed or 0)
         _say(f"trained the attribute classifier; wrote {args.out / 'control'}")
         return
+    if args.vae is not None and args.modality != "text2image":
+        raise ValueError(f"--vae names the VAE run of a text2image run; {args.modality} runs take none")
+    if args.modality == "vae":
+        return _train_vae(args)
     settings = _read_settings(args.config) if args.config else {}
     flags = {
         name: getattr(args, name)
@@ -149,9 +153,30 @@ def _train(args: argparse.Namespace) -> None:
         if args.modality != "audio":
             raise ValueError(f"--arch chooses the audio network; {args.modality} runs have one network each")
         settings["extra"] = dict(settings.get("extra") or {}) | {"arch": args.arch}
+    if args.vae is not None:
+        settings["extra"] = dict(settings.get("extra") or {}) | {"vae": str(args.vae)}
     cfg = make_config(args.modality, settings, where=str(args.config) if args.config else "settings")
     train(args.modality, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     _say(f"trained; run folder: {args.out}")
+
+
+def _train_vae(args: argparse.Namespace) -> None:
+    """``unnoise train vae``: the autoencoder of text2image latent diffusion (no diffusion settings)."""
+    from unnoise.modalities.text2image.vae_run import train_vae, vae_settings
+
+    settings = _read_settings(args.config) if args.config else {}
+    flags = {
+        name: getattr(args, name)
+        for name in (
+            "data", "image_size", "model", "steps", "batch_size", "lr", "objective", "loss", "prediction",
+            "timestep_sampling", "schedule", "bf16", "seed", "save_every", "arch",
+        )
+    }  # fmt: skip
+    settings |= {k: v for k, v in flags.items() if v is not None}
+    if args.unconditional:
+        settings["unconditional"] = True
+    run = train_vae(vae_settings(settings), args.out, resume=args.resume, overwrite=args.overwrite)
+    _say(f"trained; run folder: {args.out} (latent scale factor {run.scale_factor:.4f})")
 
 
 def _read_settings(path: Path) -> dict:
@@ -231,6 +256,7 @@ def _sample(args: argparse.Namespace) -> None:
         return _sample_diffusers(args)
     run = _load(args, expect=args.modality)
     names = ("template", "mr", "control", "control_scale", "guidance", "class_id", "eta", "grid", "trajectory")
+    names += ("prompt", "prompts", "negative_prompt")
     given = _options(args, names, {"guidance": 1.0})
     _check_options(run, given, run.modality.sample_options, "sample")
     if "control_scale" in given and not args.control:
@@ -274,7 +300,7 @@ def _sample_diffusers(args: argparse.Namespace) -> None:
     if args.modality not in (None, "image"):
         raise ValueError(f"--diffusers reads image pipelines (UNet2DModel), not {args.modality}")
     names = ("template", "mr", "control", "control_scale", "trajectory", "autoguide", "autoguidance", "ema_profile")
-    given = _options(args, names, {})
+    given = _options(args, (*names, "prompt", "prompts", "negative_prompt"), {})
     if given:
         raise ValueError(f"--diffusers takes --class, --guidance, --eta, --grid; not {', '.join(map(_flag, given))}")
     args.sampler = args.sampler or "dpmpp_2m"
@@ -309,6 +335,8 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if _is_vae_run(args.run):
+        return _eval_vae(args)
     run = _load(args)
     given = _options(args, ("bpd", "fid", "n", "guidance", "grid"), {"bpd": False, "guidance": 1.0})
     _check_options(run, given, run.modality.eval_options, "eval")
@@ -316,6 +344,28 @@ def _eval(args: argparse.Namespace) -> None:
         return  # not sharded: rank 0 generates and scores
     lines = run.modality.evaluate(run, **given, sampler=args.sampler, nfe=args.nfe, seed=args.seed)
     _say(*lines)
+
+
+def _is_vae_run(run: Path) -> bool:
+    from unnoise.modalities.base import modality_of
+    from unnoise.training.files import read_json
+
+    try:
+        return (run / "config.json").is_file() and modality_of(read_json(run / "config.json")) == "vae"
+    except (OSError, ValueError):
+        return False  # load_run says what is wrong with the folder
+
+
+def _eval_vae(args: argparse.Namespace) -> None:
+    """``unnoise eval`` on a VAE run: reconstruction PSNR and -ELBO; sampling options are refused."""
+    from unnoise.modalities.text2image.vae_run import evaluate_vae
+
+    names = ("bpd", "fid", "guidance", "grid", "sampler", "nfe")
+    given = _options(args, names, {"bpd": False, "guidance": 1.0, "nfe": 20})
+    if given:
+        raise ValueError(f"vae runs take --n (eval); not {', '.join(_flag(k) for k in given)}")
+    if distributed.current().main:
+        _say(*evaluate_vae(args.run, n=args.n))
 
 
 def _demo(args: argparse.Namespace) -> None:

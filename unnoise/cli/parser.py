@@ -82,15 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
 def _train(train: argparse.ArgumentParser) -> None:
     train.add_argument(
         "modality",
-        choices=[*REGISTRY, "control"],
-        help="control: the attribute classifier of the text run in --out (for sample text --control)",
+        choices=[*REGISTRY, "control", "vae"],
+        help="control: the attribute classifier of the text run in --out (for sample text --control); "
+        "vae: the autoencoder a text2image run diffuses in (--vae RUN)",
     )
     train.add_argument(
         "--data",
         default=None,
         help="image: digits | fashion-mnist | a folder; text: tiny | e2e | a file; audio: spoken-digits | a folder; "
-        "toy: ring",
+        "toy: ring; vae, text2image: fashion-scenes | a folder of images with metadata.jsonl",
     )
+    train.add_argument("--vae", type=Path, default=None, metavar="RUN", help="text2image: the VAE run to diffuse in")
     train.add_argument("--image-size", type=positive_int, default=None, help="image folders: resize and crop to this")
     train.add_argument(
         "--model", default=None, help="image: tiny | small | cifar; text: tiny | small | base; audio, toy: tiny | small"
@@ -148,6 +150,13 @@ def _sample(sample: argparse.ArgumentParser) -> None:
     )
     sample.add_argument(
         "--control-scale", type=nonnegative_float, default=None, help="text: classifier-guidance scale (default 3)"
+    )
+    sample.add_argument(
+        "--prompt", default=None, help='text2image: e.g. "a bag in the top left and a shirt in the bottom right"'
+    )
+    sample.add_argument("--prompts", type=Path, default=None, metavar="FILE", help="text2image: one prompt per line")
+    sample.add_argument(
+        "--negative-prompt", default=None, help="text2image: guide away from this prompt (with --guidance other than 1)"
     )
     sample.add_argument("--sampler", default=None, help=SAMPLER_HELP)
     sample.add_argument("--nfe", type=nfe, default=20, help=f"denoiser evaluations (at most {MAX_NFE:,})")

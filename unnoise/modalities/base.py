@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "text": "unnoise.modalities.text.modality",
     "audio": "unnoise.modalities.audio.modality",
     "toy": "unnoise.modalities.toy.modality",
+    "text2image": "unnoise.modalities.text2image.modality",
 }
 
 

@@ -219,7 +219,10 @@ class Run:
 
 # Modalities whose diffusion space is learned by each run, so that two runs' denoisers do not
 # speak the same space (a reason for each, for the refusal).
-LEARNED_SPACES: dict[str, str] = {"text": "each text run diffuses in word embeddings it learned itself"}
+LEARNED_SPACES: dict[str, str] = {
+    "text": "each text run diffuses in word embeddings it learned itself",
+    "text2image": "each text2image run diffuses in the latents of its own VAE, with its own prompt vocabulary",
+}
 
 
 def load_run(
@@ -238,6 +241,8 @@ def load_run(
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         raise ValueError(f"{Path(run_dir) / 'config.json'} is not a run's config (no 'train' section)")
     name = modality_of(config)
+    if name == "vae":  # an autoencoder for text2image runs (unnoise train vae), not a diffusion
+        raise ValueError(f"{run_dir} is a VAE run: it encodes images for text2image runs (--vae); it does not sample")
     if expect is not None and name != expect:
         raise ValueError(f"{run_dir} is a {name} run, not {expect}")
     modality = get_modality(name)

@@ -49,7 +49,7 @@ def check_prompt(text: str | bytes) -> str:
     except UnicodeEncodeError as err:
         raise ValueError(f"the prompt is not UTF-8: undecodable character at position {err.start}") from None
     if not text.strip():
-        raise ValueError("empty prompt: describe the image in words (the null prompt of guidance is None)")
+        raise ValueError("empty prompt: describe the image in words")
     return text
 
 

@@ -15,17 +15,31 @@ encoder's features of ``ids`` (mask ``ids != PAD``) are the U-Net's cross-attent
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unnoise.modalities.image.data import to_model, to_uint8
-from unnoise.nets.text_encoder import NULL, PAD, TextEncoder, Vocabulary
+from unnoise.modalities.run import Run
+from unnoise.nets.text_encoder import NULL, PAD, TextEncoder, Vocabulary, check_prompt
 from unnoise.nets.unet import UNet
 from unnoise.nets.vae import AutoencoderKL, reparameterize
+from unnoise.sampling.front import sample as run_sampler
+from unnoise.sampling.front import start_sigma
 
-__all__ = ["LatentCodec", "TextToImageNet", "null_ids", "prompt_ids"]
+__all__ = [
+    "LatentCodec",
+    "TextToImageModel",
+    "TextToImageNet",
+    "TextToImageRun",
+    "null_ids",
+    "prompt_ids",
+    "read_prompts",
+    "sample_text2image",
+]
 
 
 def prompt_ids(vocab: Vocabulary, prompts: Sequence[str | bytes | None], max_len: int) -> Tensor:
@@ -90,3 +104,121 @@ class LatentCodec(nn.Module):
     def decode(self, latents: Tensor) -> Tensor:
         """uint8 pixels of ``D(latents / scale_factor)``, clamped to 0..255."""
         return to_uint8(self.vae.decode(latents / self.scale_factor).float())
+
+
+class TextToImageModel(nn.Module):
+    """What a text2image run trains and saves: ``net`` (:class:`TextToImageNet`, trained) and ``codec``
+    (:class:`LatentCodec`, the VAE frozen: no gradients, so the optimizer and EMA leave it as loaded).
+
+    Keeping the VAE inside the model puts its weights in every checkpoint of the run, so a run samples
+    without the VAE run it was trained with (whose path and weights' SHA-256 its config records).
+    """
+
+    def __init__(self, net: TextToImageNet, codec: LatentCodec):
+        super().__init__()
+        self.net, self.codec = net, codec.requires_grad_(False)
+
+    def forward(self, x: Tensor, t: Tensor, ids: Tensor | None = None) -> Tensor:
+        return self.net(x, t, ids)
+
+
+class TextToImageRun(Run):
+    """A text2image run: :class:`unnoise.modalities.run.Run` with its vocabulary, prompt length and codec."""
+
+    @cached_property
+    def vocab(self) -> Vocabulary:
+        return Vocabulary(tuple(self.extra["vocabulary"]))
+
+    @property
+    def max_len(self) -> int:
+        return int(self.model.net.text_encoder.config.max_len)
+
+    @property
+    def codec(self) -> LatentCodec:
+        return self.model.codec
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.codec.vae.config.latent_shape)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a text file, one per non-blank line (UTF-8); one line naming what is wrong otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file (one prompt per line)")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--prompts {path} is not UTF-8 text (byte {err.start})") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompt (one per line)")
+    return prompts
+
+
+def encode_prompts(run: TextToImageRun, prompts: Sequence[str | bytes], what: str = "prompt") -> Tensor:
+    """Prompts -> ids ``(B, max_len)``: one line for an empty, non-UTF-8 or too long prompt, or one with
+    words the run never saw (they would be read as ``<unk>``)."""
+    for i, p in enumerate(prompts):
+        where = f"the {what}" if len(prompts) == 1 else f"{what} {i + 1}"
+        try:
+            text = check_prompt(p)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        unknown = run.vocab.unknown(text)
+        if unknown:
+            raise ValueError(
+                f"{where} {text!r} has words this run never saw: {', '.join(sorted(set(unknown)))} "
+                f"(the run knows {len(run.vocab) - 3} words from its training captions)"
+            )
+    try:
+        return prompt_ids(run.vocab, list(prompts), run.max_len)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+
+
+@torch.no_grad()
+def sample_text2image(
+    run: TextToImageRun,
+    prompts: Sequence[str],
+    *,
+    n: int | None = None,
+    negative_prompt: str | None = None,
+    guidance: float = 1.0,
+    sampler: str = "dpmpp_2m",
+    nfe: int = 20,
+    seed: int = 0,
+    batch_size: int = 64,
+    **options,
+) -> tuple[Tensor, list[str]]:
+    """Images uint8 ``(n, C, H, W)`` for ``prompts`` (image i shows prompt ``i % len(prompts)``; ``n``
+    defaults to one each) and the prompt of each image.
+
+    The latent U-Net is sampled by ``sampler`` in ``nfe`` evaluations, classifier-free guided with scale
+    ``guidance`` against the null prompt, or against ``negative_prompt`` (its ids take the null's place:
+    ``D_neg + w (D_c - D_neg)``), then decoded by the run's VAE. Per-sample seeds (seed + i) make image
+    i independent of n and of the batching.
+    """
+    if not len(prompts):
+        raise ValueError("no prompt: give --prompt TEXT or --prompts FILE")
+    if negative_prompt is not None and guidance == 1.0:
+        raise ValueError("--negative-prompt steers classifier-free guidance: give --guidance other than 1 (e.g. 4)")
+    n = len(prompts) if n is None else n
+    ids = encode_prompts(run, prompts)
+    null = null_ids(run.max_len) if negative_prompt is None else encode_prompts(run, [negative_prompt], "negative")[0]
+    shape = run.latent_shape
+    top = start_sigma(sampler, nfe, run.sigma_max, run.sigma_min, options.get("grid"), run.schedule)
+    images = []
+    for start in range(0, n, batch_size):
+        index = range(start, min(n, start + batch_size))
+        generators = [torch.Generator().manual_seed(seed + i) for i in index]
+        x = torch.stack([torch.randn(shape, generator=g) for g in generators]) * top
+        cond = ids[torch.tensor(list(index)) % len(prompts)]
+        D = run.denoiser(cond, null, guidance)
+        z = run_sampler(
+            D, x, sampler=sampler, nfe=nfe, sigma_max=run.sigma_max, sigma_min=run.sigma_min,
+            generator=generators, schedule=run.schedule, **options,
+        )  # fmt: skip
+        images.append(run.codec.decode(z))
+    return torch.cat(images), [str(prompts[i % len(prompts)]) for i in range(n)]
