@@ -1,7 +1,8 @@
-"""Text-to-image latent diffusion (issue 17), work in progress: not yet registered in modalities.base.REGISTRY.
+"""Text-to-image latent diffusion (issue 17), registered as the ``text2image`` modality (:mod:`.modality`).
 
-So far: the fashion-scenes data set with its captions and prompt parser (:mod:`.captions`, :mod:`.data`);
-the prompt-following metric with its cell classifier (:mod:`.metrics`); prompts as condition ids, the
-text-conditioned U-Net and the latent codec (:mod:`.pipeline`). The networks are
+The fashion-scenes data set with its captions and prompt parser (:mod:`.captions`, :mod:`.data`); VAE
+runs (:mod:`.vae_run`, ``unnoise train vae``); prompts as condition ids, the text-conditioned U-Net,
+the latent codec and sampling (:mod:`.pipeline`); the prompt-following metric with its cached cell
+classifier (:mod:`.metrics`); writers (:mod:`.io`); the demo (:mod:`.demo`). The networks are
 :mod:`unnoise.nets.vae`, :mod:`unnoise.nets.text_encoder` and the U-Net's ``context_dim``.
 """
