@@ -194,3 +194,28 @@ def test_a_run_samples_without_its_vae_run(runs, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "after")]) == 0
     before, after = np.load(tmp_path / "before.npz")["images"], np.load(tmp_path / "after.npz")["images"]
     assert np.array_equal(before, after)
+
+
+@pytest.mark.slow
+def test_a_captioned_folder_trains_a_vae_and_a_text2image_run(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    rows = []
+    for i in range(8):
+        pixels = np.zeros((40, 40), dtype=np.uint8)
+        pixels[: 20 if i % 2 else 40, :20] = 255
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": "a white square" if i % 2 else "a white bar"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    common = ["--data", str(folder), "--model", "tiny", "--steps", "2", "--batch-size", "4"]
+    assert main(["train", "vae", *common, "--image-size", "24", "--out", str(tmp_path / "vae")]) == 0
+    assert main(["train", "text2image", *common, "--vae", str(tmp_path / "vae"), "--out", str(tmp_path / "run")]) == 0
+    extra = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["extra"]
+    assert extra["vocabulary"][3:] == ["a", "bar", "square", "white"]
+    argv = ["sample", "--run", str(tmp_path / "run"), "--prompt", "a white bar", "--n", "2", "--nfe", "2"]
+    assert main([*argv, "--out", str(tmp_path / "bars")]) == 0
+    assert np.load(tmp_path / "bars.npz")["images"].shape == (2, 24, 24, 1)
+    assert main(["eval", "--run", str(tmp_path / "run")]) == 2  # prompt following needs fashion-scenes prompts
+    assert "fashion-scenes" in capsys.readouterr().err
