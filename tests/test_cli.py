@@ -49,8 +49,9 @@ def test_image_demo_writes_samples_trajectory_and_bits_per_dim(tmp_path, capsys)
 
     figures = run_image_demo(tmp_path, steps=20)
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "trajectory.png").is_file()
-    assert 0 < figures["bpd"] < 8 and figures["bpd_stderr"] > 0
-    assert "bits/dim" in capsys.readouterr().out
+    assert 0 < figures["bpd"] < 8 and figures["bpd_stderr"] > 0 and 0 <= figures["class_accuracy"] <= 1
+    out = capsys.readouterr().out
+    assert "bits/dim" in out and "class accuracy of 500 guided samples" in out
 
 
 @pytest.mark.slow

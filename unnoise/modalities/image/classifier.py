@@ -39,7 +39,9 @@ class PixelClassifier:
     @staticmethod
     def _features(images: Tensor) -> np.ndarray:
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f"the classifier takes uint8 (N, C, H, W) images; got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"the classifier takes uint8 (N, C, H, W) images; got {images.dtype} {tuple(images.shape)}"
+            )
         return images.flatten(1).numpy().astype(np.float32) / 255.0
 
     def fit(self, images: Tensor, labels: Tensor) -> PixelClassifier:
