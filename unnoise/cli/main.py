@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any
 
 from unnoise.cli.checks import check_outputs, check_sample_memory, prepare_demo_folder
 from unnoise.cli.parser import build_parser
+from unnoise.cli.report import kept, one_line, out_of_memory, resume_hint, say, smaller
+from unnoise.cli.train import train
 from unnoise.training import distributed
 from unnoise.training.signals import Interrupted
 
@@ -46,28 +47,28 @@ def _run(args: argparse.Namespace) -> int:
     if shard.world > 1:
         distributed.stop_on_sigterm()
     try:
-        {"train": _train, "sample": _sample, "eval": _eval, "demo": _demo, "serve": _serve}[args.command](args)
+        {"train": train, "sample": _sample, "eval": _eval, "demo": _demo, "serve": _serve}[args.command](args)
     except Interrupted as e:  # SIGTERM / SIGINT during training: checkpointed, then stopped
         if shard.main:
-            print(f"unnoise train: {e}{_resume_hint(args)}", file=sys.stderr)
+            print(f"unnoise train: {e}{resume_hint(args)}", file=sys.stderr)
         return e.exit_status
     except (ValueError, OSError, ImportError, FloatingPointError) as e:
         if shard.main:  # every rank meets the same bad input: one line
-            print(f"unnoise {args.command}: error: {_one_line(e)}{_kept(args, e)}", file=sys.stderr)
+            print(f"unnoise {args.command}: error: {one_line(e)}{kept(args, e)}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"unnoise {args.command}: error: out of memory{_smaller(args)}", file=sys.stderr)
+        print(f"unnoise {args.command}: error: out of memory{smaller(args)}", file=sys.stderr)
         return 2
     except (distributed.Stopped, RuntimeError) as e:  # DistError is a RuntimeError
-        if _out_of_memory(e):
-            print(f"unnoise {args.command}: error: out of memory ({_one_line(e)}){_smaller(args)}", file=sys.stderr)
+        if out_of_memory(e):
+            print(f"unnoise {args.command}: error: out of memory ({one_line(e)}){smaller(args)}", file=sys.stderr)
             return 2
         if not distributed.is_group_failure(e):
             raise
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(
             f"unnoise {args.command}: error: rank {shard.rank} of {shard.world}: {reason}: another process of "
-            f"the group failed (the launcher's report names it){_resume_hint(args)}",
+            f"the group failed (the launcher's report names it){resume_hint(args)}",
             file=sys.stderr,
         )
         return 1
@@ -77,130 +78,6 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         distributed.close()
     return 0
-
-
-def _resume_hint(args: argparse.Namespace) -> str:
-    if args.command != "train" or args.modality == "control":
-        return ""
-    from unnoise.training.checkpoint import latest_checkpoint
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            step = latest_checkpoint(args.out) if args.out.is_dir() else None
-    except (ValueError, OSError):
-        step = None
-    where = f"its checkpoint {step.name}" if step is not None else "the start"
-    return f"; rerun with --resume to continue from {where}"
-
-
-def _one_line(e: BaseException) -> str:
-    """An error as one line: OS errors as 'what: file', anything else its first line."""
-    if isinstance(e, OSError) and e.strerror and not isinstance(e, (FileNotFoundError, PermissionError)):
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _kept(args: argparse.Namespace, e: BaseException) -> str:
-    """For a resource error mid-training: what survived (saves are atomic)."""
-    if args.command != "train" or not isinstance(e, OSError) or isinstance(e, (FileNotFoundError, PermissionError)):
-        return ""
-    return _resume_hint(args)
-
-
-def _out_of_memory(e: BaseException) -> bool:
-    text = str(e).lower()
-    return "can't allocate memory" in text or "out of memory" in text or "not enough memory" in text
-
-
-def _smaller(args: argparse.Namespace) -> str:
-    flags = {"train": "a smaller --batch-size", "demo": "a smaller model"}.get(args.command, "a smaller --n or --nfe")
-    return f"; try {flags}{_resume_hint(args)}"
-
-
-def _say(*lines: str) -> None:
-    """Print on rank 0 only (every process of a torchrun group runs the same command)."""
-    if distributed.current().main:
-        print(*lines, sep="\n")
-
-
-def _train(args: argparse.Namespace) -> None:
-    from unnoise.modalities.run import make_config, train
-
-    if args.modality == "control":
-        from unnoise.modalities.text.attribute_classifier import train_control
-
-        train_control(args.out, steps=args.steps or 2000, seed=args.seed or 0)
-        _say(f"trained the attribute classifier; wrote {args.out / 'control'}")
-        return
-    if args.vae is not None and args.modality != "text2image":
-        raise ValueError(f"--vae names the VAE run of a text2image run; {args.modality} runs take none")
-    if args.modality == "vae":
-        return _train_vae(args)
-    settings = _read_settings(args.config) if args.config else {}
-    flags = {
-        name: getattr(args, name)
-        for name in (
-            "data", "image_size", "model", "steps", "batch_size", "lr", "objective", "loss", "prediction",
-            "timestep_sampling", "schedule", "bf16", "seed", "save_every",
-        )
-    }  # fmt: skip
-    settings |= {k: v for k, v in flags.items() if v is not None}
-    if args.unconditional:
-        settings["conditional"] = False
-    if args.arch is not None:
-        if args.modality != "audio":
-            raise ValueError(f"--arch chooses the audio network; {args.modality} runs have one network each")
-        settings["extra"] = dict(settings.get("extra") or {}) | {"arch": args.arch}
-    if args.vae is not None:
-        settings["extra"] = dict(settings.get("extra") or {}) | {"vae": str(args.vae)}
-    cfg = make_config(args.modality, settings, where=str(args.config) if args.config else "settings")
-    train(args.modality, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
-    _say(f"trained; run folder: {args.out}")
-
-
-def _train_vae(args: argparse.Namespace) -> None:
-    """``unnoise train vae``: the autoencoder of text2image latent diffusion (no diffusion settings)."""
-    from unnoise.modalities.text2image.vae_run import train_vae, vae_settings
-
-    settings = _read_settings(args.config) if args.config else {}
-    flags = {
-        name: getattr(args, name)
-        for name in (
-            "data", "image_size", "model", "steps", "batch_size", "lr", "objective", "loss", "prediction",
-            "timestep_sampling", "schedule", "bf16", "seed", "save_every", "arch",
-        )
-    }  # fmt: skip
-    settings |= {k: v for k, v in flags.items() if v is not None}
-    if args.unconditional:
-        settings["unconditional"] = True
-    run = train_vae(vae_settings(settings), args.out, resume=args.resume, overwrite=args.overwrite)
-    _say(f"trained; run folder: {args.out} (latent scale factor {run.scale_factor:.4f})")
-
-
-def _read_settings(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"no config file at {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path} is not a text file (JSON or TOML in UTF-8)") from None
-    if path.suffix == ".toml":
-        import tomllib
-
-        try:
-            settings = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path} is not valid TOML: {e}") from None
-    else:
-        try:
-            settings = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(settings, dict) or not isinstance(settings.get("extra", {}), dict):
-        raise ValueError(f"{path} must hold an object of training settings (with 'extra' an object, if given)")
-    return settings
 
 
 def _load(args: argparse.Namespace, expect: str | None = None):
@@ -276,15 +153,15 @@ def _sample(args: argparse.Namespace) -> None:
     if run.guide is not None and run.guide_uses == 0:  # a bug guard: never a silently ignored flag
         raise RuntimeError(f"{run.name} sampling did not use the run's denoiser, so --autoguide was not applied")
     if run.weights != "ema":
-        _say(f"weights: {run.weights}")
+        say(f"weights: {run.weights}")
     written = run.modality.write(run, samples, args.out, **given)
     if written:
-        _say(
+        say(
             f"wrote {', '.join(str(p) for p in written[:3])}"
             + (f" and {len(written) - 3} more" if len(written) > 3 else "")
         )
     if isinstance(samples, list):  # sentences: show a few
-        _say(*("   " + s for s in samples[:5]))
+        say(*("   " + s for s in samples[:5]))
 
 
 def _sample_diffusers(args: argparse.Namespace) -> None:
@@ -317,7 +194,7 @@ def _sample_diffusers(args: argparse.Namespace) -> None:
         guidance=args.guidance, grid=args.grid, **eta,
     )  # fmt: skip
     written = write_diffusers_samples(stem, images, labels)
-    _say(f"wrote {', '.join(str(p) for p in written)}")
+    say(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -343,7 +220,7 @@ def _eval(args: argparse.Namespace) -> None:
     if not run.modality.sharded and not distributed.current().main:
         return  # not sharded: rank 0 generates and scores
     lines = run.modality.evaluate(run, **given, sampler=args.sampler, nfe=args.nfe, seed=args.seed)
-    _say(*lines)
+    say(*lines)
 
 
 def _is_vae_run(run: Path) -> bool:
@@ -365,7 +242,7 @@ def _eval_vae(args: argparse.Namespace) -> None:
     if given:
         raise ValueError(f"vae runs take --n (eval); not {', '.join(_flag(k) for k in given)}")
     if distributed.current().main:
-        _say(*evaluate_vae(args.run, n=args.n))
+        say(*evaluate_vae(args.run, n=args.n))
 
 
 def _demo(args: argparse.Namespace) -> None:
