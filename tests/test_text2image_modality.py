@@ -219,3 +219,29 @@ def test_a_captioned_folder_trains_a_vae_and_a_text2image_run(tmp_path, capsys):
     assert np.load(tmp_path / "bars.npz")["images"].shape == (2, 24, 24, 1)
     assert main(["eval", "--run", str(tmp_path / "run")]) == 2  # prompt following needs fashion-scenes prompts
     assert "fashion-scenes" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_pixel_space_run_diffuses_pixels_with_the_same_conditioning(tmp_path, capsys):
+    config = tmp_path / "pixel.json"
+    config.write_text(json.dumps({"extra": {"scenes": 200, "space": "pixel"}, "save_every": 2}))
+    common = ["--model", "tiny", "--steps", "2", "--batch-size", "4", "--config", str(config)]
+    assert main(["train", "text2image", *common, "--out", str(tmp_path / "run")]) == 0
+    extra = json.loads((tmp_path / "run" / "config.json").read_text())["train"]["extra"]
+    assert extra["space"] == "pixel" and "vae_run" not in extra and "latent_scale_factor" not in extra
+    # the same U-Net family down to the same 7x7 attention as on 14x14 latents: (1, 2, 2, 2) from 56x56
+    assert extra["unet_config"]["image_size"] == 56 and extra["unet_config"]["in_channels"] == 1
+    assert extra["unet_config"]["attention_resolutions"] == [7] and extra["unet_config"]["context_dim"] == 32
+    argv = ["sample", "--run", str(tmp_path / "run"), "--prompt", "a bag in the top left", "--nfe", "2", "--n", "2"]
+    assert main([*argv, "--guidance", "2", "--out", str(tmp_path / "s")]) == 0
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (2, 56, 56, 1) and images.dtype == np.uint8
+    assert main(["train", "text2image", *common, "--vae", str(tmp_path), "--out", str(tmp_path / "b")]) == 2
+    assert "takes no --vae" in capsys.readouterr().err
+
+
+def test_the_unet_halves_to_at_most_8_wide():
+    from unnoise.modalities.text2image.modality import channel_mults
+
+    assert channel_mults(14) == (1, 2) and channel_mults(56) == (1, 2, 2, 2) and channel_mults(28) == (1, 2, 2)
+    assert channel_mults(8) == (1,) and channel_mults(32) == (1, 2, 2) and channel_mults(12) == (1, 2)

@@ -27,6 +27,7 @@ from unnoise.modalities.base import TrainingData, output_stem
 from unnoise.modalities.text2image.io import save_grid, save_prompt_npz
 from unnoise.modalities.text2image.pipeline import (
     LatentCodec,
+    PixelCodec,
     TextToImageModel,
     TextToImageNet,
     TextToImageRun,
@@ -44,25 +45,35 @@ from unnoise.training.config import TrainConfig
 from unnoise.training.objectives import Encoded
 
 SCENES = 20_000  # fashion-scenes drawn for training (extra.scenes)
+SPACES = ("latent", "pixel")  # extra.space: where the diffusion runs (pixel: the baseline of latent diffusion)
 
 
-def network_configs(preset: str, latent_shape: tuple[int, ...], vocab_size: int, extra: dict) -> tuple:
-    """The text encoder's and the latent U-Net's configs for ``preset`` ("tiny" for tests, "small"),
-    with ``extra["text_encoder"]`` and ``extra["unet"]`` overrides on top."""
-    z, size = latent_shape[0], latent_shape[-1]
+def channel_mults(size: int) -> tuple[int, ...]:
+    """Levels halving ``size`` until the feature map is at most 8 wide: 14x14 latents -> (1, 2), down to
+    7x7; 56x56 pixels -> (1, 2, 2, 2), also down to 7x7, where (cross-)attention sits either way."""
+    mults = [1]
+    while size // 2 ** (len(mults) - 1) > 8 and size % 2 ** len(mults) == 0:
+        mults.append(2)
+    return tuple(mults)
+
+
+def network_configs(preset: str, shape: tuple[int, ...], vocab_size: int, extra: dict) -> tuple:
+    """The text encoder's and the U-Net's configs for ``preset`` ("tiny" for tests, "small") on
+    ``shape`` (latents, or pixels), with ``extra["text_encoder"]`` and ``extra["unet"]`` overrides on top."""
+    z, size = shape[0], shape[-1]
+    mults = channel_mults(size)
     if preset == "tiny":
         text = dict(width=32, depth=1, heads=2)
-        unet = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, num_heads=2, dropout=0.0)
-        unet["attention_resolutions"] = (size // 2,)
+        unet = dict(base_channels=16, channel_mults=mults, num_res_blocks=1, num_heads=2, dropout=0.0)
     elif preset == "small":
-        # 1.3M parameters; measured on 14x14x4 latents, one thread: 0.41 s per training step of 64 and
-        # 2.1 ms per image per network call. Attention (and so cross-attention) at 14x14 too, or base 64,
-        # cost 1.6x and 6x that per step (what quality each buys is not measured yet).
+        # 1.3M parameters on latents; measured on 14x14x4 latents, one thread: 0.41 s per training step
+        # of 64 and 2.1 ms per image per network call. Attention (and so cross-attention) at 14x14 too,
+        # or base 64, cost 1.6x and 6x that per step (what quality each buys is not measured yet).
         text = dict(width=64, depth=2, heads=4)
-        unet = dict(base_channels=32, channel_mults=(1, 2), num_res_blocks=2, num_heads=4, dropout=0.0)
-        unet["attention_resolutions"] = (size // 2,)
+        unet = dict(base_channels=32, channel_mults=mults, num_res_blocks=2, num_heads=4, dropout=0.0)
     else:
         raise ValueError(f"unknown text2image model {preset!r}; allowed: tiny, small")
+    unet["attention_resolutions"] = (size // 2 ** (len(mults) - 1),)
     text_cfg = TextEncoderConfig(vocab_size, **(text | dict(extra.get("text_encoder", {}))))
     unet_cfg = UNetConfig(size, z, **({"context_dim": text_cfg.width} | unet | dict(extra.get("unet", {}))))
     if unet_cfg.context_dim != text_cfg.width:
@@ -73,8 +84,10 @@ def network_configs(preset: str, latent_shape: tuple[int, ...], vocab_size: int,
 def _model(extra: dict[str, Any], where: str) -> TextToImageModel:
     text_cfg = from_dict(TextEncoderConfig, extra["text_encoder_config"], f"{where} 'extra.text_encoder_config'")
     unet_cfg = from_dict(UNetConfig, extra["unet_config"], f"{where} 'extra.unet_config'")
-    vae = AutoencoderKL(from_dict(VAEConfig, extra["vae_config"], f"{where} 'extra.vae_config'"))
     net = TextToImageNet(TextEncoder(text_cfg), UNet(unet_cfg))
+    if extra.get("space") == "pixel":
+        return TextToImageModel(net, PixelCodec((unet_cfg.in_channels, unet_cfg.image_size, unet_cfg.image_size)))
+    vae = AutoencoderKL(from_dict(VAEConfig, extra["vae_config"], f"{where} 'extra.vae_config'"))
     return TextToImageModel(net, LatentCodec(vae, float(extra["latent_scale_factor"])))
 
 
@@ -94,9 +107,17 @@ class TextToImageModality:
     run_type = TextToImageRun
 
     def check(self, cfg: TrainConfig) -> None:
-        if not cfg.extra.get("vae"):
-            raise ValueError("text2image runs diffuse in a VAE's latents: give --vae RUN (made by unnoise train vae)")
-        if cfg.image_size is not None:
+        space = cfg.extra.get("space", "latent")
+        if space not in SPACES:
+            raise ValueError(f"extra.space must be one of {', '.join(SPACES)}, got {space!r}")
+        if space == "pixel" and cfg.extra.get("vae"):
+            raise ValueError("a pixel-space run (extra.space = 'pixel') diffuses pixels: it takes no --vae")
+        if space == "latent" and not cfg.extra.get("vae"):
+            raise ValueError(
+                "text2image runs diffuse in a VAE's latents: give --vae RUN (made by unnoise train vae), "
+                "or set extra.space = 'pixel' to diffuse pixels"
+            )
+        if space == "latent" and cfg.image_size is not None:
             raise ValueError("--image-size: a text2image run takes the image size of its VAE run")
         if not cfg.conditional:
             raise ValueError("text2image runs are conditioned on prompts; --unconditional does not apply")
@@ -105,6 +126,12 @@ class TextToImageModality:
             raise ValueError(f"extra.scenes must be a positive number of training scenes, got {scenes!r}")
 
     def training_data(self, cfg: TrainConfig) -> TrainingData:
+        if cfg.extra.get("space") == "pixel":
+            data = captioned_data(
+                cfg.data, "train", n=cfg.extra.get("scenes", SCENES), size=cfg.image_size,
+                channels=int(cfg.extra.get("channels", 1)),
+            )  # fmt: skip
+            return self._prompted(cfg, data, torch.cat([PixelCodec(()).encode(b) for b in data.images.split(256)]))
         vae_run = load_vae_run(cfg.extra["vae"])
         vcfg = vae_run.vae.config
         data = captioned_data(
@@ -115,11 +142,6 @@ class TextToImageModality:
                 f"--data {cfg.data} gives images {tuple(data.images.shape[1:])}; the VAE of {vae_run.path} takes "
                 f"{(vcfg.in_channels, vcfg.image_size, vcfg.image_size)}"
             )
-        vocab = Vocabulary.build(data.captions)
-        max_len = int(cfg.extra.get("text_encoder", {}).get("max_len", TextEncoderConfig.max_len))
-        longest = max(len(vocab.tokenize(c)) for c in data.captions)
-        if longest > max_len:
-            raise ValueError(f"a caption of {cfg.data} is {longest} tokens; the text encoder takes {max_len}")
         codec = LatentCodec(vae_run.vae, vae_run.scale_factor)
         latents = torch.cat([codec.encode(b) for b in data.images.split(256)])
         cfg.extra |= {
@@ -127,10 +149,18 @@ class TextToImageModality:
             "vae_sha256": vae_run.sha256,
             "vae_config": dataclasses.asdict(vcfg),
             "latent_scale_factor": vae_run.scale_factor,
-            "vocabulary": list(vocab.words),
-            "scenes": len(data),
         }
-        return TrainingData(latents, prompt_ids(vocab, data.captions, max_len), null_ids(max_len))
+        return self._prompted(cfg, data, latents)
+
+    def _prompted(self, cfg: TrainConfig, data, x: Tensor) -> TrainingData:
+        """The training pairs: ``x`` (latents or pixels) with the prompt ids of the captions' vocabulary."""
+        vocab = Vocabulary.build(data.captions)
+        max_len = int(cfg.extra.get("text_encoder", {}).get("max_len", TextEncoderConfig.max_len))
+        longest = max(len(vocab.tokenize(c)) for c in data.captions)
+        if longest > max_len:
+            raise ValueError(f"a caption of {cfg.data} is {longest} tokens; the text encoder takes {max_len}")
+        cfg.extra |= {"space": cfg.extra.get("space", "latent"), "vocabulary": list(vocab.words), "scenes": len(data)}
+        return TrainingData(x, prompt_ids(vocab, data.captions, max_len), null_ids(max_len))
 
     def build(self, cfg: TrainConfig, data: TrainingData) -> TextToImageModel:
         extra = cfg.extra
@@ -138,8 +168,9 @@ class TextToImageModality:
         extra["text_encoder_config"] = dataclasses.asdict(text_cfg)
         extra["unet_config"] = dataclasses.asdict(unet_cfg)
         model = _model(extra, "settings")
-        model.codec.vae.load_state_dict(load_vae_run(extra["vae"]).vae.state_dict())
-        model.codec.requires_grad_(False)
+        if extra["space"] == "latent":
+            model.codec.vae.load_state_dict(load_vae_run(extra["vae"]).vae.state_dict())
+            model.codec.requires_grad_(False)
         return model
 
     def load(self, config: dict[str, Any], cfg: TrainConfig) -> TextToImageModel:

@@ -32,6 +32,7 @@ from unnoise.sampling.front import start_sigma
 
 __all__ = [
     "LatentCodec",
+    "PixelCodec",
     "TextToImageModel",
     "TextToImageNet",
     "TextToImageRun",
@@ -100,10 +101,33 @@ class LatentCodec(nn.Module):
         z = reparameterize(mean, logvar, generator) if sample else mean
         return self.scale_factor * z
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The shape of one image's latents ``(z_channels, h, w)``, the space the diffusion runs in."""
+        return tuple(self.vae.config.latent_shape)
+
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         """uint8 pixels of ``D(latents / scale_factor)``, clamped to 0..255."""
         return to_uint8(self.vae.decode(latents / self.scale_factor).float())
+
+
+class PixelCodec(nn.Module):
+    """The identity codec of a pixel-space run (``extra.space = "pixel"``): uint8 ``(B, C, H, W)`` <->
+    model pixels in [-1, 1], so the same U-Net with cross-attention diffuses pixels instead of latents
+    (the baseline latent diffusion is measured against, ``benchmarks/text2image.py``)."""
+
+    def __init__(self, shape: Sequence[int]):
+        super().__init__()
+        self.shape = tuple(int(d) for d in shape)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor, *, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        return to_model(images)
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        return to_uint8(x.float())
 
 
 class TextToImageModel(nn.Module):
@@ -114,7 +138,7 @@ class TextToImageModel(nn.Module):
     without the VAE run it was trained with (whose path and weights' SHA-256 its config records).
     """
 
-    def __init__(self, net: TextToImageNet, codec: LatentCodec):
+    def __init__(self, net: TextToImageNet, codec: LatentCodec | PixelCodec):
         super().__init__()
         self.net, self.codec = net, codec.requires_grad_(False)
 
@@ -134,12 +158,13 @@ class TextToImageRun(Run):
         return int(self.model.net.text_encoder.config.max_len)
 
     @property
-    def codec(self) -> LatentCodec:
+    def codec(self) -> LatentCodec | PixelCodec:
         return self.model.codec
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return tuple(self.codec.vae.config.latent_shape)
+        """The shape the diffusion runs in: the VAE's latents, or the pixels of a pixel-space run."""
+        return self.codec.shape
 
 
 def read_prompts(path: str | Path) -> list[str]:

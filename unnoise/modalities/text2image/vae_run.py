@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,17 @@ class _NegativeELBO:
         return vae_loss(model, x, generator=draws.generator).loss / x[0].numel()
 
 
-def train_vae(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> VAERun:
-    """Train a VAE on ``cfg.data`` into ``run_dir``; records the latent scale factor; returns the run."""
+def train_vae(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop: Callable[[int], bool] | None = None,
+) -> VAERun:
+    """Train a VAE on ``cfg.data`` into ``run_dir``; records the latent scale factor; returns the run.
+    ``stop(step)`` ends training early (e.g. :class:`unnoise.training.loop.CPUBudget`), as in ``train``."""
     run_dir = Path(run_dir)
     runfolder.check_out(run_dir, resume=resume, overwrite=overwrite)  # before loading any data
     torch.manual_seed(cfg.seed)
@@ -109,7 +118,10 @@ def train_vae(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, ov
     vae = AutoencoderKL(from_dict(VAEConfig, cfg.extra["vae"], "extra.vae"))
     labels = torch.zeros(len(data), dtype=torch.long)
     objective = _NegativeELBO()
-    ema = loop.train(cfg, run_dir, vae, data.images, labels, loss_fn=objective, resume=resume, overwrite=overwrite)
+    ema = loop.train(
+        cfg, run_dir, vae, data.images, labels, loss_fn=objective, resume=resume, overwrite=overwrite,
+        progress=progress, stop=stop,
+    )  # fmt: skip
     scale = latent_scale_factor(ema.eval(), to_model(data.images[:FIT_IMAGES]))
     config = load_config(run_dir)
     config["train"]["extra"]["latent_scale_factor"] = scale
