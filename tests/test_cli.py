@@ -51,7 +51,7 @@ def test_image_demo_writes_samples_trajectory_and_bits_per_dim(tmp_path, capsys)
     assert (tmp_path / "samples.png").is_file() and (tmp_path / "trajectory.png").is_file()
     assert 0 < figures["bpd"] < 8 and figures["bpd_stderr"] > 0 and 0 <= figures["class_accuracy"] <= 1
     out = capsys.readouterr().out
-    assert "bits/dim" in out and "class accuracy of 500 guided samples" in out
+    assert "bits/dim" in out and "class accuracy of 500 guided samples" in out and "demo done in" in out
 
 
 @pytest.mark.slow

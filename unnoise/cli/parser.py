@@ -109,6 +109,10 @@ def _train(train: argparse.ArgumentParser) -> None:
     )
     train.add_argument("--schedule", default=None, help="ddpm objective: noise schedule, e.g. cosine | linear")
     train.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (CPU AMX/AVX-512)")
+    train.add_argument(
+        "--compile", action="store_true", default=None,
+        help="torch.compile the network for training (faster steps after a one-time compile of about a minute)",
+    )  # fmt: skip
     train.add_argument("--unconditional", action="store_true", help="ignore class labels / conditions")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--save-every", type=positive_int, default=None, help="checkpoint interval in steps")

@@ -15,7 +15,7 @@ from unnoise.cli.report import say
 # flags that set a training setting of the same name (unset flags leave the config's value)
 SETTING_FLAGS = (
     "data", "image_size", "model", "steps", "batch_size", "lr", "objective", "loss", "prediction",
-    "timestep_sampling", "schedule", "bf16", "seed", "save_every",
+    "timestep_sampling", "schedule", "bf16", "compile", "seed", "save_every",
 )  # fmt: skip
 
 

@@ -95,7 +95,14 @@ def train(
         on_sample=preview,
         progress=progress,
         stop=stop,
+        network=_called_module(modality.network(model), model),
     )
+
+
+def _called_module(network, model: nn.Module) -> nn.Module:
+    """The module the objective's calls run through (what ``--compile`` compiles): the modality's
+    network, or the model itself where the network is a function of it (toy: ``model(x, t)``)."""
+    return network if isinstance(network, nn.Module) else model
 
 
 @dataclass

@@ -35,4 +35,5 @@ def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dic
     print(f"trained {cfg.steps} steps in {train_s:.0f} s; wrote {out / 'samples.png'} and {out / 'trajectory.png'}")
     print(f"test negative ELBO (200 held-out digits, p(x | y)): {bpd:.3f} +- {se:.3f} bits/dim")
     print(accuracy.line())
+    print(f"demo done in {time.perf_counter() - start:.0f} s")
     return {"train_seconds": train_s, "bpd": bpd, "bpd_stderr": se, "class_accuracy": accuracy.samples}

@@ -51,7 +51,7 @@ VAE_DEFAULTS: dict[str, Any] = {
 # the settings a VAE run honours; any other (an objective, a schedule, --bf16 ...) is refused in one line
 _SETTINGS = {
     "data", "image_size", "model", "steps", "batch_size", "lr", "warmup", "lr_decay", "weight_decay",
-    "grad_clip", "ema_decay", "seed", "log_every", "save_every", "keep", "extra",
+    "grad_clip", "ema_decay", "seed", "log_every", "save_every", "keep", "compile", "extra",
 }  # fmt: skip
 SCENES = 20_000  # fashion-scenes drawn for training (extra.scenes)
 FIT_IMAGES = 4096  # training images the latent scale factor is estimated on
