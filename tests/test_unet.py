@@ -423,31 +423,3 @@ def test_a_context_the_unet_cannot_take_is_refused_in_one_line():
         ).context_dim
         is None
     )
-
-
-def test_query_positions_let_cross_attention_tell_places_apart():
-    # a spatially constant feature map stays constant through GroupNorm, 1x1 convolutions and
-    # attention: without position embeddings every query is the same, so is every output position;
-    # with them, queries differ by place and so do the outputs (how "top left" finds the top left)
-    torch.manual_seed(0)
-    x, context = torch.randn(2, 8, 1, 1).expand(2, 8, 4, 4), torch.randn(2, 5, 6)
-    for positions in (None, (4, 4)):
-        cross = CrossAttention(8, 6, 2, positions=positions)
-        with torch.no_grad():
-            cross.proj.weight.normal_()
-        spread = (cross(x, context) - x).std(dim=(2, 3)).max().item()
-        assert (spread < 1e-6) if positions is None else (spread > 1e-3)
-
-
-def test_query_positions_add_one_embedding_per_cross_attention_and_are_checked():
-    net = UNet(tiny(context_dim=6, query_positions=True))
-    crosses = [m for m in net.modules() if isinstance(m, CrossAttention)]
-    assert crosses and all(m.positions.shape == (m.q.in_channels, 4, 4) for m in crosses)  # 8x8 -> 4x4 level
-    assert sum(".positions" in k for k in net.state_dict()) == len(crosses)
-    x, t = inputs(net.config)
-    net(x, t, context=torch.randn(3, 5, 6)).sum().backward()
-    assert all(m.positions.grad is not None for m in crosses)
-    with pytest.raises(ValueError, match="needs context_dim"):
-        tiny(query_positions=True)
-    with pytest.raises(ValueError, match=r"embeds positions of a \(4, 4\) feature map; got \(5, 5\)"):
-        crosses[0](torch.randn(1, crosses[0].q.in_channels, 5, 5), torch.randn(1, 2, 6))

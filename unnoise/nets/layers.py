@@ -106,18 +106,10 @@ class Attention(nn.Module):
 
     With ``context_dim``, a :class:`CrossAttention` to a context ``(B, L, context_dim)`` follows, as in
     LDM's transformer block (self-attention, then cross-attention); it is the submodule ``cross``, so
-    the self-attention's parameter names are the same with or without it. ``positions`` (the feature
-    map's size, e.g. ``(7, 7)``) gives the cross-attention's queries a learned position embedding.
+    the self-attention's parameter names are the same with or without it.
     """
 
-    def __init__(
-        self,
-        channels: int,
-        num_heads: int,
-        dims: int = 2,
-        context_dim: int | None = None,
-        positions: tuple[int, ...] | None = None,
-    ):
+    def __init__(self, channels: int, num_heads: int, dims: int = 2, context_dim: int | None = None):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
@@ -125,9 +117,7 @@ class Attention(nn.Module):
         self.norm = group_norm(channels)
         self.qkv = conv(dims, channels, 3 * channels, 1)
         self.proj = zero_init(conv(dims, channels, channels, 1))
-        if positions is not None and context_dim is None:
-            raise ValueError("positions embeds cross-attention queries: it needs context_dim")
-        self.cross = None if context_dim is None else CrossAttention(channels, context_dim, num_heads, dims, positions)
+        self.cross = None if context_dim is None else CrossAttention(channels, context_dim, num_heads, dims)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         B, C = x.shape[:2]
@@ -145,16 +135,9 @@ class CrossAttention(nn.Module):
     per head, then a 1x1 projection that starts at zero. ``h`` ``(B, C, H, W)``, ``context`` ``(B, L,
     context_dim)``, ``mask`` ``(B, L)`` bool, True for real tokens: padded tokens get no attention weight,
     and a row without any real token gets no cross-attention at all (its output is ``h``).
-
-    With ``positions`` (the feature map's spatial size) the queries are ``W_Q (GroupNorm(h) + P)``, ``P``
-    a learned ``(C, *positions)`` embedding (ViT's init, std 0.02): a prompt binds objects to places
-    ("a bag in the top left"), and without ``P`` a query knows its place only from what the
-    convolutions' zero padding leaves in ``h``.
     """
 
-    def __init__(
-        self, channels: int, context_dim: int, num_heads: int, dims: int = 2, positions: tuple[int, ...] | None = None
-    ):
+    def __init__(self, channels: int, context_dim: int, num_heads: int, dims: int = 2):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
@@ -163,17 +146,10 @@ class CrossAttention(nn.Module):
         self.q = conv(dims, channels, channels, 1)
         self.kv = nn.Linear(context_dim, 2 * channels)
         self.proj = zero_init(conv(dims, channels, channels, 1))
-        if positions is not None and len(positions) != dims:
-            raise ValueError(f"positions {tuple(positions)} must give the size of each of the {dims} spatial axes")
-        self.positions = None if positions is None else nn.Parameter(torch.randn(channels, *positions) * 0.02)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         B, C, heads = x.shape[0], x.shape[1], self.num_heads
-        if self.positions is not None and x.shape[2:] != self.positions.shape[1:]:
-            want, got = tuple(self.positions.shape[1:]), tuple(x.shape[2:])
-            raise ValueError(f"this cross-attention embeds positions of a {want} feature map; got {got}")
-        n = self.norm(x) if self.positions is None else self.norm(x) + self.positions
-        q = self.q(n).reshape(B, heads, C // heads, -1).transpose(-1, -2)  # (B, heads, H*W, d)
+        q = self.q(self.norm(x)).reshape(B, heads, C // heads, -1).transpose(-1, -2)  # (B, heads, H*W, d)
         k, v = self.kv(context).reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
         if mask is None:
             h = F.scaled_dot_product_attention(q, k, v)

@@ -57,9 +57,6 @@ class UNetConfig:
     dims: int = 2  # 2: images (B, C, H, W); 1: sequences such as waveforms (B, C, N)
     factor: int = 2  # down/upsampling factor between levels (each spatial axis)
     context_dim: int | None = None  # None: no cross-attention; else every attention block also attends to context
-    # cross-attention queries see a learned embedding of their feature-map position, so a prompt's "top
-    # left" can find the top-left positions (convolutions alone learn position only from the padding)
-    query_positions: bool = False
 
     def __post_init__(self):
         # lists (e.g. from config.json) become tuples, so configs compare and hash alike
@@ -84,8 +81,6 @@ class UNetConfig:
             raise ValueError(f"num_classes must be None (unconditional) or >= 1, got {self.num_classes}")
         if self.context_dim is not None and self.context_dim < 1:
             raise ValueError(f"context_dim must be None (no cross-attention) or >= 1, got {self.context_dim}")
-        if self.query_positions and self.context_dim is None:
-            raise ValueError("query_positions embeds the positions of cross-attention queries: it needs context_dim")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -186,13 +181,12 @@ class UNet(nn.Module):
         def heads(channels: int) -> int:
             return channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
 
-        def attention(channels: int, size: int) -> Attention:
-            positions = (size,) * dims if cfg.query_positions else None
-            return Attention(channels, heads(channels), dims, cfg.context_dim, positions)
+        def attention(channels: int) -> Attention:
+            return Attention(channels, heads(channels), dims, cfg.context_dim)
 
         def stage(c_in: int, c_out: int, size: int) -> Stage:
             res = ResBlock(c_in, c_out, emb_dim, cfg.dropout, dims)
-            return Stage(res, attention(c_out, size)) if size in cfg.attention_resolutions else Stage(res)
+            return Stage(res, attention(c_out)) if size in cfg.attention_resolutions else Stage(res)
 
         # noise-level (and class) embedding, (B,) -> (B, emb_dim); the last class id is the null class
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -212,7 +206,7 @@ class UNet(nn.Module):
 
         self.middle = Stage(
             ResBlock(ch, ch, emb_dim, cfg.dropout, dims),
-            attention(ch, cfg.resolutions[-1]),
+            attention(ch),
             ResBlock(ch, ch, emb_dim, cfg.dropout, dims),
         )
 
