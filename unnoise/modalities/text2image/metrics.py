@@ -132,6 +132,10 @@ class PromptFollowing:
     cell_accuracy: float
     by_objects: dict[str, float] = field(default_factory=dict)  # "1", "2", "3-4" -> accuracy
     counts: dict[str, int] = field(default_factory=dict)  # scenes per group
+    # where it fails: the layout (which cells hold an object) against the binding (which object is where)
+    layout: float = float("nan")  # scenes whose occupied cells are exactly the named ones
+    class_where_occupied: float = float("nan")  # named cells holding an object: the named class
+    misplaced: float = float("nan")  # of those with another class: the named class is in another cell
 
     def lines(self, name: str = "") -> list[str]:
         """Printable lines, e.g. ``prompt following (generated): 0.912 (1: 0.95 of 40, 2: ...)``."""
@@ -140,6 +144,8 @@ class PromptFollowing:
         return [
             f"prompt following{label}: {self.accuracy:.3f} ({groups})",
             f"cell accuracy{label}: {self.cell_accuracy:.3f}",
+            f"layout right{label}: {self.layout:.3f}; named class where the named cell holds an object: "
+            f"{self.class_where_occupied:.3f}; other classes there that belong in another cell: {self.misplaced:.3f}",
         ]
 
 
@@ -159,7 +165,22 @@ def prompt_following(predicted: Tensor, scenes: Sequence[Scene]) -> PromptFollow
         member = torch.isin(objects, torch.tensor(ks))
         if member.any():
             by[name], counts[name] = right[member].float().mean().item(), int(member.sum())
-    return PromptFollowing(right.float().mean().item(), cell_right.float().mean().item(), by, counts)
+    named, occupied = target >= 0, predicted >= 0
+    both = named & occupied
+    swapped = both & ~cell_right  # an object where the prompt names one, but of another class
+    elsewhere = (target[:, :, None] == predicted[:, None, :]).any(dim=2)  # the named class shows in some cell
+    return PromptFollowing(
+        right.float().mean().item(), cell_right.float().mean().item(), by, counts,
+        layout=(named == occupied).all(dim=1).float().mean().item(),
+        class_where_occupied=_share(both & cell_right, both),
+        misplaced=_share(swapped & elsewhere, swapped),
+    )  # fmt: skip
+
+
+def _share(part: Tensor, whole: Tensor) -> float:
+    """``part.sum() / whole.sum()``, NaN where ``whole`` is empty."""
+    n = int(whole.sum())
+    return int(part.sum()) / n if n else float("nan")
 
 
 # The recipe cell_classifier trains with (CellClassifier.train_on's measured defaults); part of the
