@@ -88,6 +88,10 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
     distributed.init(timeout_s=120)
     try:
         fn(*args)
+        # every rank is done before any tears the group down: once in ~5 runs of this file, a rank that
+        # destroyed its gloo group while its peer still read from it aborted ("terminate called without
+        # an active exception", SIGABRT)
+        distributed.barrier()
     finally:
         distributed.close()
 
