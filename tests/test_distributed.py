@@ -88,9 +88,9 @@ def _worker(rank: int, world: int, port: int, fn, args) -> None:
     distributed.init(timeout_s=120)
     try:
         fn(*args)
-        # every rank is done before any tears the group down: once in ~5 runs of this file, a rank that
-        # destroyed its gloo group while its peer still read from it aborted ("terminate called without
-        # an active exception", SIGABRT)
+        # every rank is done before any tears the group down: once (in one full run of the suite) a
+        # rank aborted at the end ("terminate called without an active exception", SIGABRT), read as
+        # one rank destroying its gloo group while its peer still used it
         distributed.barrier()
     finally:
         distributed.close()

@@ -4,7 +4,8 @@ A 56x56 fashion-scene is four 28x28 cells. A :class:`CellClassifier` (a small CN
 Fashion-MNIST items plus blank cells) labels each cell with a class id 0..9 or ``EMPTY``; a scene is
 right when every cell agrees with the :class:`Scene` its prompt names (:func:`.captions.parse_prompt`):
 each named object in its cell, every other cell empty. :func:`prompt_following` reports that
-accuracy over all scenes and by number of objects (1, 2, 3-4), beside the per-cell accuracy. The
+accuracy over all scenes and by number of objects (1, 2, 3-4), beside the per-cell accuracy and
+where scenes fail: the layout (which cells hold an object) or the binding (which object is where). The
 same score on real scenes laid out per the same prompts (test-split items) is the ceiling a
 generator is measured against, so the classifier's own errors stay visible.
 
