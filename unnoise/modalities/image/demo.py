@@ -19,7 +19,7 @@ from unnoise.modalities.run import load_run, make_config, train
 
 
 def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dict[str, float]:
-    settings = dict(steps=steps or 1500, batch_size=128, lr=2e-3, warmup=100, seed=seed, save_every=500)
+    settings = dict(steps=steps or 900, batch_size=128, lr=2e-3, warmup=100, seed=seed, save_every=500)
     cfg = make_config("image", settings | {"data": "digits", "model": "small", "ema_decay": 0.999})
     start = time.perf_counter()
     train("image", cfg, out / "run")
@@ -30,10 +30,10 @@ def run_image_demo(out: Path, *, steps: int | None = None, seed: int = 0) -> dic
     trajectory: list = []
     sample_images(run, n=10, sampler="dpmpp_2m_sde", nfe=12, guidance=2.0, trajectory=trajectory)
     save_trajectory(out / "trajectory.png", trajectory_frames(trajectory, rows=10), scale=4)
-    bpd, se = eval_bpd(run, n=200)
+    bpd, se = eval_bpd(run, n=100)
     accuracy = class_accuracy(run, n=500, sampler="dpmpp_2m_sde", nfe=20, guidance=2.0, seed=10_000)
     print(f"trained {cfg.steps} steps in {train_s:.0f} s; wrote {out / 'samples.png'} and {out / 'trajectory.png'}")
-    print(f"test negative ELBO (200 held-out digits, p(x | y)): {bpd:.3f} +- {se:.3f} bits/dim")
+    print(f"test negative ELBO (100 held-out digits, p(x | y)): {bpd:.3f} +- {se:.3f} bits/dim")
     print(accuracy.line())
     print(f"demo done in {time.perf_counter() - start:.0f} s")
     return {"train_seconds": train_s, "bpd": bpd, "bpd_stderr": se, "class_accuracy": accuracy.samples}
