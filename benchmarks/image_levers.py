@@ -56,7 +56,7 @@ def train_one(out: Path, name: str, minutes: float) -> None:
 def earlier_self(run_dir: Path, bad_dir: Path) -> int:
     """A copy of ``run_dir`` holding only its checkpoints up to a quarter of its steps; returns that step."""
     steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
-    keep = max(s for s in steps if s <= steps[-1] // 4)
+    keep = max([s for s in steps if s <= steps[-1] // 4] or steps[:1])
     if not bad_dir.exists():
         shutil.copytree(run_dir, bad_dir, ignore=shutil.ignore_patterns("posthoc_ema*", "samples"))
         for s in steps:
