@@ -41,3 +41,51 @@ def test_fid_separates_real_digits_from_noise():
     features = InceptionFeatures()
     noise = torch.randint(0, 256, (48, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert fid(digits[:48], digits[48:96], features) < fid(noise, digits[48:96], features) / 3
+
+
+def test_reference_fit_is_cached_by_content_and_tag(tmp_path):
+    from unnoise.metrics import cached_reference_fit
+
+    calls = []
+
+    def fit(images):
+        calls.append(len(images))
+        return gaussian_fit(images.flatten(1).double().numpy())
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (20, 1, 2, 2), dtype=torch.uint8, generator=g)
+    b = a.clone()
+    b[0, 0, 0, 0] ^= 1  # one bit differs
+    first = cached_reference_fit(a, fit, tmp_path)
+    again = cached_reference_fit(a.clone(), fit, tmp_path)
+    assert calls == [20]  # the second call read the file
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_allclose(first[1], gaussian_fit(a.flatten(1).double().numpy())[1])
+    cached_reference_fit(b, fit, tmp_path)
+    cached_reference_fit(a, fit, tmp_path, tag="another feature extractor")
+    assert calls == [20, 20, 20]
+    files = sorted((tmp_path / "fid-reference").iterdir())
+    assert len(files) == 3 and all(f.suffix == ".npz" for f in files)  # no temporary files left
+
+
+def test_damaged_reference_fit_is_refitted_and_replaced(tmp_path):
+    from unnoise.metrics import cached_reference_fit
+
+    calls = []
+
+    def fit(images):
+        calls.append(1)
+        return gaussian_fit(images.flatten(1).double().numpy())
+
+    images = torch.randint(0, 256, (10, 1, 2, 2), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    want = cached_reference_fit(images, fit, tmp_path)
+    (path,) = (tmp_path / "fid-reference").iterdir()
+    for damage in (b"not a zip file", path.read_bytes()[:100]):
+        path.write_bytes(damage)
+        got = cached_reference_fit(images, fit, tmp_path)
+        np.testing.assert_array_equal(got[1], want[1])
+        assert cached_reference_fit(images, fit, tmp_path)[0].shape == (4,)  # replaced: read, not refitted
+    np.savez(path, mu=np.full(4, np.nan), cov=np.eye(4))  # readable, but not a fit
+    cached_reference_fit(images, fit, tmp_path)
+    assert len(calls) == 4

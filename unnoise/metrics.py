@@ -7,9 +7,18 @@ at run time. Grayscale images are repeated to three channels; all are resized to
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
+
+from unnoise.training import distributed
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
@@ -37,6 +46,46 @@ def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"need features of shape (N >= 2, D), got {features.shape}")
     return features.mean(0), np.cov(features, rowvar=False)
+
+
+def cached_reference_fit(
+    images: Tensor,
+    fit: Callable[[Tensor], tuple[np.ndarray, np.ndarray]],
+    cache: str | os.PathLike | None = None,
+    tag: str = "inception-v3-pool3",
+) -> tuple[np.ndarray, np.ndarray]:
+    """``fit(images)`` (a Gaussian fit of their features), computed once per set of reference images.
+
+    A test split's 10,000 Inception forward passes cost minutes of CPU on every ``unnoise eval
+    --fid``; the fit is stored under ``cache`` (default ``~/.cache/unnoise``) / ``fid-reference``,
+    named by the SHA-256 of ``tag`` and the images' shape, dtype and bytes, so other images (or
+    another feature extractor's ``tag``) never reuse it. Written atomically; a damaged file is
+    refitted and replaced."""
+    digest = hashlib.sha256(f"{tag} {tuple(images.shape)} {images.dtype}".encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    folder = (Path(cache) if cache is not None else Path.home() / ".cache" / "unnoise") / "fid-reference"
+    path = folder / f"{digest.hexdigest()[:32]}.npz"
+    stored = _load_fit(path)
+    # under torchrun, fit() is collective: every rank refits unless every rank found the file
+    if distributed.mean(float(stored is not None)) == 1.0:
+        return stored
+    mu, cov = fit(images)
+    if distributed.current().main:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz.tmp", delete=False) as handle:
+            np.savez(handle, mu=mu, cov=cov)
+        os.replace(handle.name, path)
+    return mu, cov
+
+
+def _load_fit(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            mu, cov = stored["mu"], stored["cov"]
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None  # missing or damaged
+    ok = mu.ndim == 1 and cov.shape == mu.shape * 2 and np.isfinite(mu).all() and np.isfinite(cov).all()
+    return (mu, cov) if ok else None
 
 
 class InceptionFeatures:

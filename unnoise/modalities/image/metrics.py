@@ -52,9 +52,10 @@ def eval_bpd(run: Run, *, n: int | None = None, batch_size: int = 256, seed: int
 def eval_fid(run: Run, *, n: int = 1000, batch_size: int = 250, **sampling) -> float:
     """FID of ``n`` samples (class-balanced for conditional runs) against the whole test split.
 
-    Sampling and the Inception features are sharded over the processes of a torchrun group.
+    Sampling and the Inception features are sharded over the processes of a torchrun group. The
+    test split's fit is computed once and cached (:func:`unnoise.metrics.cached_reference_fit`).
     """
-    from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
+    from unnoise.metrics import InceptionFeatures, cached_reference_fit, frechet_distance, gaussian_fit
 
     features = InceptionFeatures()  # fails early, with the install hint, if the extra is missing
     images, _ = sample_images_sharded(run, n=n, batch_size=batch_size, **sampling)
@@ -64,7 +65,7 @@ def eval_fid(run: Run, *, n: int = 1000, batch_size: int = 250, **sampling) -> f
         rows = map_chunks(lambda r: torch.from_numpy(features(x[r.start : r.stop])), len(x), batch_size)
         return gaussian_fit(rows.numpy())
 
-    return frechet_distance(*fit(images), *fit(reference))
+    return frechet_distance(*fit(images), *cached_reference_fit(reference, fit))
 
 
 def evaluate_images(
