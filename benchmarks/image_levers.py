@@ -93,7 +93,7 @@ def main() -> None:
     from unnoise.modalities.run import load_run
 
     features = InceptionFeatures()
-    ref = reference_stats(out, features)
+    ref = reference_stats(features)
     score = lambda run, **kw: fid_of(run, features, ref, n=args.n, sampler="unipc", nfe=args.nfe, **kw)  # noqa: E731
     print(f"\nFID@{args.n} (unipc, {args.nfe} NFE), {args.minutes:g} min of CPU per recipe, Fashion-MNIST test split")
     print("| lever | steps (batch 64) | images/s | FID |")

