@@ -222,7 +222,7 @@ def main() -> None:
         record = json.loads((out / f"{side}.json").read_text())
         for sampler in samplers:
             images = torch.from_numpy(np.load(out / f"{side}_{sampler}.npz")["images"])
-            rows.append((side, sampler, record, *frechet_with_spread(features(images), ref)))
+            rows.append((side, sampler, record, *frechet_with_spread(features(images), ref, seed=len(rows))))
     recipe = json.loads((out / "unnoise.json").read_text()).get("recipe", BASE_RECIPE)
     changed = {k: v for k, v in recipe.items() if BASE_RECIPE.get(k) != v}
     print(f"\nFID@{args.n} against the Fashion-MNIST test split (10,000), {NFE} NFE, {args.minutes:g} min of CPU each")
@@ -252,18 +252,17 @@ def main() -> None:
     assert math.isfinite(ratio)
 
 
-def frechet_with_spread(feats: np.ndarray, ref, resamples: int = 200) -> tuple[float, np.ndarray]:
+def frechet_with_spread(feats: np.ndarray, ref, resamples: int = 100, seed: int = 0) -> tuple[float, np.ndarray]:
     """FID of ``feats`` against ``ref`` and ``resamples`` bootstrap FIDs (the images drawn again with
-    replacement, seeded): their spread is the sampling noise of n images from fixed weights, not
+    replacement, from ``seed``): their spread is the sampling noise of n images from fixed weights, not
     of training. Repeated images shrink the covariance, so bootstrap FIDs sit above the point
     estimate; intervals use their deviations from their own mean."""
-    from unnoise.metrics import frechet_distance, gaussian_fit
+    from unnoise.metrics import frechet_distance_of_features
 
-    rng = np.random.default_rng(0)
-    boot = [
-        frechet_distance(*gaussian_fit(feats[rng.integers(0, len(feats), len(feats))]), *ref) for _ in range(resamples)
-    ]
-    return frechet_distance(*gaussian_fit(feats), *ref), np.array(boot)
+    rng = np.random.default_rng(seed)
+    picks = (rng.integers(0, len(feats), len(feats)) for _ in range(resamples))
+    boot = [frechet_distance_of_features(feats[i], *ref) for i in picks]
+    return frechet_distance_of_features(feats, *ref), np.array(boot)
 
 
 if __name__ == "__main__":

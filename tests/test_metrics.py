@@ -89,3 +89,17 @@ def test_damaged_reference_fit_is_refitted_and_replaced(tmp_path):
     np.savez(path, mu=np.full(4, np.nan), cov=np.eye(4))  # readable, but not a fit
     cached_reference_fit(images, fit, tmp_path)
     assert len(calls) == 4
+
+
+@pytest.mark.parametrize("n, d", [(30, 50), (10, 200), (80, 6)])
+def test_frechet_distance_of_features_equals_the_fitted_form(n, d):
+    """Fewer samples than dimensions (the bootstrap's case: the Gram route) and more: the same distance."""
+    from unnoise.metrics import frechet_distance_of_features
+
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(n, d)) @ rng.normal(size=(d, d)) + 0.3
+    mu2, cov2 = gaussian_fit(rng.normal(size=(200, d)) @ rng.normal(size=(d, d)))
+    want = frechet_distance(*gaussian_fit(x), mu2, cov2)
+    assert frechet_distance_of_features(x, mu2, cov2) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="need features"):
+        frechet_distance_of_features(x[:, :-1], mu2, cov2)

@@ -35,9 +35,15 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     w, v = np.linalg.eigh(cov1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     middle = np.linalg.eigvalsh(root1 @ cov2 @ root1)
-    return float(
-        ((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * np.sqrt(np.clip(middle, 0, None)).sum()
-    )
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2 * _trace_sqrt(middle))
+
+
+def _trace_sqrt(eigenvalues: np.ndarray) -> float:
+    """sum sqrt(lambda) over a PSD spectrum. Eigenvalues within roundoff of zero count as zero: a
+    rank-deficient fit (fewer samples than features) has many, and sqrt would lift their 1e-16 noise
+    to 1e-8 each."""
+    floor = eigenvalues.max(initial=0.0) * len(eigenvalues) * np.finfo(np.float64).eps
+    return float(np.sqrt(np.where(eigenvalues > floor, eigenvalues, 0.0)).sum())
 
 
 def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,6 +52,24 @@ def gaussian_fit(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or len(features) < 2:
         raise ValueError(f"need features of shape (N >= 2, D), got {features.shape}")
     return features.mean(0), np.cov(features, rowvar=False)
+
+
+def frechet_distance_of_features(features: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """``frechet_distance(*gaussian_fit(features), mu2, cov2)`` through the N x N matrix
+    Xc C2 Xc^T / (N - 1) (Xc: the centred features), whose eigenvalues are those of
+    C1^1/2 C2 C1^1/2 but for zeros. With N < D that is N^2 D work instead of D^3: a bootstrap over
+    1,000 images' 2,048 Inception features costs a fraction of a second per resample, not seconds."""
+    x = np.asarray(features, dtype=np.float64)
+    mu2, cov2 = np.asarray(mu2, dtype=np.float64), np.asarray(cov2, dtype=np.float64)
+    if x.ndim != 2 or len(x) < 2 or mu2.shape != x.shape[1:] or cov2.shape != mu2.shape * 2:
+        raise ValueError(
+            f"need features (N >= 2, D) and statistics (D,), (D, D); got {x.shape}, {mu2.shape}, {cov2.shape}"
+        )
+    mu1 = x.mean(0)
+    xc = x - mu1
+    middle = np.linalg.eigvalsh(xc @ cov2 @ xc.T / (len(x) - 1))
+    trace1 = (xc**2).sum() / (len(x) - 1)
+    return float(((mu1 - mu2) ** 2).sum() + trace1 + np.trace(cov2) - 2 * _trace_sqrt(middle))
 
 
 def cached_reference_fit(
