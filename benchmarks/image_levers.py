@@ -71,6 +71,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="images per FID")
     parser.add_argument("--nfe", type=int, default=20)
     parser.add_argument("--out", default="bench-levers")
+    parser.add_argument("--only", choices=["training", "sampling"], help="score only these levers' rows")
     parser.add_argument("--one", choices=list(TRAINING), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
@@ -98,11 +99,13 @@ def main() -> None:
     print(f"\nFID@{args.n} (unipc, {args.nfe} NFE), {args.minutes:g} min of CPU per recipe, Fashion-MNIST test split")
     print("| lever | steps (batch 64) | images/s | FID |")
     print("|---|---|---|---|")
-    for name in TRAINING:
+    for name in TRAINING if args.only != "sampling" else ():
         record = json.loads((out / slug(name) / "record.json").read_text())
         speed = 64 * record["steps"] / record["cpu_s"]
         fid = score(load_run(out / slug(name), expect="image"))
         print(f"| {name} | {record['steps']} | {speed:.0f} | {fid:.1f} |", flush=True)
+    if args.only == "training":
+        return
     base_dir = out / "baseline"
     steps = json.loads((base_dir / "record.json").read_text())["steps"]
     base = load_run(base_dir, expect="image")
