@@ -51,10 +51,18 @@ BASE_RECIPE = {
 
 
 def train_unnoise(
-    run_dir: Path, minutes: float, n: int, *, overrides: dict | None = None, samplers=("unipc", "dpmpp_2m_sde")
+    run_dir: Path,
+    minutes: float,
+    n: int,
+    *,
+    overrides: dict | None = None,
+    samplers=("unipc", "dpmpp_2m_sde"),
+    guidance: float = 1.0,
+    ema_profile: float | None = None,
 ) -> dict:
     """Train BASE_RECIPE | overrides into ``run_dir`` for the CPU budget; save ``n`` samples per sampler
-    beside it (OUT/unnoise_<sampler>.npz); returns steps and CPU/wall seconds."""
+    beside it (OUT/unnoise_<sampler>.npz), classifier-free guided by ``guidance``, with the post-hoc
+    EMA of width ``ema_profile`` if given; returns steps and CPU/wall seconds."""
     from unnoise.modalities.run import load_run, make_config, train
     from unnoise.training.loop import CPUBudget
 
@@ -63,10 +71,10 @@ def train_unnoise(
     net = train("image", cfg, run_dir, progress=False, stop=budget)
     steps = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
     record = {"steps": steps} | budget.used()
-    run = load_run(run_dir, expect="image")
+    run = load_run(run_dir, expect="image", ema_profile=ema_profile)
     del net
     for sampler in samplers:
-        save(run_dir.parent, f"unnoise_{sampler}", draw(run, n, sampler=sampler, nfe=NFE))
+        save(run_dir.parent, f"unnoise_{sampler}", draw(run, n, sampler=sampler, nfe=NFE, guidance=guidance))
     return record
 
 
@@ -188,6 +196,13 @@ def main() -> None:
         default={},
         help="changes to unnoise's recipe, as JSON (e.g. '{\"lr\": 2e-3}'; image_levers.py ranks them)",
     )
+    parser.add_argument("--guidance", type=float, default=1.0, help="unnoise's classifier-free guidance (1: none)")
+    parser.add_argument(
+        "--ema-profile",
+        type=float,
+        default=None,
+        help="unnoise samples with this post-hoc EMA sigma_rel (the recipe must keep posthoc_ema snapshots)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,8 +212,9 @@ def main() -> None:
     if args.one:
         torch.set_num_threads(1)
         if args.one == "unnoise":
-            record = train_unnoise(out / "unnoise-run", args.minutes, args.n, overrides=args.recipe)
-            record["recipe"] = BASE_RECIPE | args.recipe
+            sampling = {"guidance": args.guidance, "ema_profile": args.ema_profile}
+            record = train_unnoise(out / "unnoise-run", args.minutes, args.n, overrides=args.recipe, **sampling)
+            record |= {"recipe": BASE_RECIPE | args.recipe} | sampling
         else:
             record = train_diffusers(out, args.minutes, args.n)
         (out / f"{args.one}.json").write_text(json.dumps(record))
@@ -207,7 +223,8 @@ def main() -> None:
     for side in ("unnoise", "diffusers"):
         if not (out / f"{side}.json").exists():
             cmd = [sys.executable, __file__, "--one", side, "--minutes", str(args.minutes), "--n", str(args.n)]
-            cmd += ["--recipe", json.dumps(args.recipe)]
+            cmd += ["--recipe", json.dumps(args.recipe), "--guidance", str(args.guidance)]
+            cmd += ["--ema-profile", str(args.ema_profile)] if args.ema_profile is not None else []
             log = open(out / f"{side}.log", "w")
             jobs.append(subprocess.Popen(cmd + ["--out", str(out)], stdout=log, stderr=subprocess.STDOUT))
     for job in jobs:
@@ -223,8 +240,9 @@ def main() -> None:
         for sampler in samplers:
             images = torch.from_numpy(np.load(out / f"{side}_{sampler}.npz")["images"])
             rows.append((side, sampler, record, *frechet_with_spread(features(images), ref, seed=len(rows))))
-    recipe = json.loads((out / "unnoise.json").read_text()).get("recipe", BASE_RECIPE)
-    changed = {k: v for k, v in recipe.items() if BASE_RECIPE.get(k) != v}
+    mine = json.loads((out / "unnoise.json").read_text())
+    changed = {k: v for k, v in mine.get("recipe", BASE_RECIPE).items() if BASE_RECIPE.get(k) != v}
+    changed |= {k: mine[k] for k in ("guidance", "ema_profile") if mine.get(k) not in (None, 1.0)}
     print(f"\nFID@{args.n} against the Fashion-MNIST test split (10,000), {NFE} NFE, {args.minutes:g} min of CPU each")
     print(f"unnoise's recipe: the base{' with ' + json.dumps(changed) if changed else ''}")
     print("| recipe | sampler | steps (batch 64) | CPU s | wall s | FID | +- (bootstrap sd) |")
