@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from image_quality import fid_of, reference_stats, train_unnoise  # noqa: E402
 
 TRAINING = {
-    "baseline": {},
+    "baseline": {},  # with BASELINE_EXTRA: its saves cost steps (a 80-image preview at each), hence:
+    "baseline, no snapshots": {},
     "v-prediction": {"prediction": "v"},
     "min-SNR (gamma 5)": {"loss": "min_snr"},
     "EDM objective": {"objective": "edm", "schedule": None},
@@ -39,6 +40,7 @@ TRAINING = {
     "lr 4e-3": {"lr": 4e-3},
 }
 # the baseline keeps post-hoc EMA snapshots and every checkpoint (for autoguidance's earlier self)
+# for the sampling-time levers
 BASELINE_EXTRA = {"posthoc_ema": [0.05, 0.1], "posthoc_snapshot_every": 50, "save_every": 50, "keep": 10**6}
 
 
