@@ -13,7 +13,7 @@ budget is a quarter of the benchmark's (it exists to rank levers, not to report 
 ``image_quality.py --recipe`` then trains the chosen recipe at the full budget beside diffusers.
 
 Run: python benchmarks/image_levers.py [--minutes 5] [--n 1000] [--nfe 20] [--out bench-levers]
-     (about 50 minutes at the defaults; reuses finished variants in OUT)
+     (about 100 minutes wall at the defaults on 2 cores; reuses finished variants in OUT)
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def earlier_self(run_dir: Path, bad_dir: Path) -> int:
     steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
     keep = max([s for s in steps if s <= steps[-1] // 4] or steps[:1])
     if not bad_dir.exists():
-        shutil.copytree(run_dir, bad_dir, ignore=shutil.ignore_patterns("posthoc_ema*", "samples"))
+        shutil.copytree(run_dir, bad_dir, ignore=shutil.ignore_patterns("samples"))
         for s in steps:
             if s > keep:
                 shutil.rmtree(bad_dir / "checkpoints" / f"step_{s:08d}")
