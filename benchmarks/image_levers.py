@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from image_quality import fid_of, reference_stats, train_unnoise  # noqa: E402
+from image_quality import earlier_self, fid_of, reference_stats, train_unnoise  # noqa: E402
 
 TRAINING = {
     "baseline": {},  # with BASELINE_EXTRA: its saves cost steps (a 80-image preview at each), hence:
@@ -53,18 +52,6 @@ def train_one(out: Path, name: str, minutes: float) -> None:
     overrides = TRAINING[name] | (BASELINE_EXTRA if name == "baseline" else {})
     record = train_unnoise(out / slug(name), minutes, 0, overrides=overrides, samplers=())
     (out / slug(name) / "record.json").write_text(json.dumps(record))
-
-
-def earlier_self(run_dir: Path, bad_dir: Path) -> int:
-    """A copy of ``run_dir`` holding only its checkpoints up to a quarter of its steps; returns that step."""
-    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
-    keep = max([s for s in steps if s <= steps[-1] // 4] or steps[:1])
-    if not bad_dir.exists():
-        shutil.copytree(run_dir, bad_dir, ignore=shutil.ignore_patterns("samples"))
-        for s in steps:
-            if s > keep:
-                shutil.rmtree(bad_dir / "checkpoints" / f"step_{s:08d}")
-    return keep
 
 
 def main() -> None:

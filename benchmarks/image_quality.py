@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,14 +60,18 @@ def train_unnoise(
     samplers=("unipc", "dpmpp_2m_sde"),
     guidance: float = 1.0,
     ema_profile: float | None = None,
+    autoguide: float | None = None,
 ) -> dict:
     """Train BASE_RECIPE | overrides into ``run_dir`` for the CPU budget; save ``n`` samples per sampler
     beside it (OUT/unnoise_<sampler>.npz), classifier-free guided by ``guidance``, with the post-hoc
-    EMA of width ``ema_profile`` if given; returns steps and CPU/wall seconds."""
+    EMA of width ``ema_profile`` if given; with ``autoguide`` w, also unipc samples autoguided (w) by
+    the run's own checkpoint at a quarter of its steps, without classifier-free guidance
+    (OUT/unnoise_unipc_autoguided.npz). Returns steps and CPU/wall seconds."""
     from unnoise.modalities.run import load_run, make_config, train
     from unnoise.training.loop import CPUBudget
 
-    cfg = make_config("image", BASE_RECIPE | (overrides or {}))
+    recipe = BASE_RECIPE | (overrides or {}) | (AUTOGUIDE_SAVES if autoguide is not None else {})
+    cfg = make_config("image", recipe)
     budget = CPUBudget(minutes)
     net = train("image", cfg, run_dir, progress=False, stop=budget)
     steps = json.loads((run_dir / "log.jsonl").read_text().splitlines()[-1])["step"]
@@ -75,7 +80,28 @@ def train_unnoise(
     del net
     for sampler in samplers:
         save(run_dir.parent, f"unnoise_{sampler}", draw(run, n, sampler=sampler, nfe=NFE, guidance=guidance))
+    if autoguide is not None and n:
+        record["autoguide_by_step"] = earlier_self(run_dir, run_dir.with_name(run_dir.name + "-quarter"))
+        guided = run.autoguided(load_run(run_dir.with_name(run_dir.name + "-quarter"), expect="image"), autoguide)
+        save(run_dir.parent, "unnoise_unipc_autoguided", draw(guided, n, sampler="unipc", nfe=NFE))
     return record
+
+
+# autoguidance's bad model is the run's own earlier checkpoint: keep every one (a checkpoint and a
+# preview each 300 steps cost about 2% of the steps)
+AUTOGUIDE_SAVES = {"save_every": 300, "keep": 10**6}
+
+
+def earlier_self(run_dir: Path, bad_dir: Path) -> int:
+    """A copy of ``run_dir`` holding only its checkpoints up to a quarter of its steps; returns that step."""
+    steps = sorted(int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    keep = max([s for s in steps if s <= steps[-1] // 4] or steps[:1])
+    if not bad_dir.exists():
+        shutil.copytree(run_dir, bad_dir, ignore=shutil.ignore_patterns("samples"))
+        for s in steps:
+            if s > keep:
+                shutil.rmtree(bad_dir / "checkpoints" / f"step_{s:08d}")
+    return keep
 
 
 def draw(run, n: int, seed: int = 0, **sampling) -> torch.Tensor:
@@ -203,6 +229,13 @@ def main() -> None:
         default=None,
         help="unnoise samples with this post-hoc EMA sigma_rel (the recipe must keep posthoc_ema snapshots)",
     )
+    parser.add_argument(
+        "--autoguide",
+        type=float,
+        default=None,
+        metavar="W",
+        help="also score unnoise autoguided with scale W by its own checkpoint at a quarter of its steps (unipc)",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,7 +245,7 @@ def main() -> None:
     if args.one:
         torch.set_num_threads(1)
         if args.one == "unnoise":
-            sampling = {"guidance": args.guidance, "ema_profile": args.ema_profile}
+            sampling = {"guidance": args.guidance, "ema_profile": args.ema_profile, "autoguide": args.autoguide}
             record = train_unnoise(out / "unnoise-run", args.minutes, args.n, overrides=args.recipe, **sampling)
             record |= {"recipe": BASE_RECIPE | args.recipe} | sampling
         else:
@@ -225,6 +258,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", side, "--minutes", str(args.minutes), "--n", str(args.n)]
             cmd += ["--recipe", json.dumps(args.recipe), "--guidance", str(args.guidance)]
             cmd += ["--ema-profile", str(args.ema_profile)] if args.ema_profile is not None else []
+            cmd += ["--autoguide", str(args.autoguide)] if args.autoguide is not None else []
             log = open(out / f"{side}.log", "w")
             jobs.append(subprocess.Popen(cmd + ["--out", str(out)], stdout=log, stderr=subprocess.STDOUT))
     for job in jobs:
@@ -237,12 +271,14 @@ def main() -> None:
     rows = []
     for side, samplers in (("unnoise", ("unipc", "dpmpp_2m_sde")), ("diffusers", ("ddpm", "ddim"))):
         record = json.loads((out / f"{side}.json").read_text())
+        if side == "unnoise" and record.get("autoguide") is not None:
+            samplers += ("unipc_autoguided",)
         for sampler in samplers:
             images = torch.from_numpy(np.load(out / f"{side}_{sampler}.npz")["images"])
             rows.append((side, sampler, record, *frechet_with_spread(features(images), ref, seed=len(rows))))
     mine = json.loads((out / "unnoise.json").read_text())
     changed = {k: v for k, v in mine.get("recipe", BASE_RECIPE).items() if BASE_RECIPE.get(k) != v}
-    changed |= {k: mine[k] for k in ("guidance", "ema_profile") if mine.get(k) not in (None, 1.0)}
+    changed |= {k: mine[k] for k in ("guidance", "ema_profile", "autoguide") if mine.get(k) not in (None, 1.0)}
     print(f"\nFID@{args.n} against the Fashion-MNIST test split (10,000), {NFE} NFE, {args.minutes:g} min of CPU each")
     print(f"unnoise's recipe: the base{' with ' + json.dumps(changed) if changed else ''}")
     print("| recipe | sampler | steps (batch 64) | CPU s | wall s | FID | +- (bootstrap sd) |")
