@@ -1,5 +1,6 @@
 """The ADM U-Net: shapes, zero output at init, conditioning, gradient flow, attention placement, dtypes."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -376,8 +377,9 @@ def test_a_row_without_real_tokens_gets_no_cross_attention():
     torch.testing.assert_close(net(x, t, context=torch.randn(3, 4, 6)), out)  # as if it had none
 
 
-def test_gradients_flow_to_the_real_tokens_of_the_context_only():
-    net = context_net()
+@pytest.mark.parametrize("positions", [0, 2])
+def test_gradients_flow_to_the_real_tokens_of_the_context_only(positions):
+    net = context_net(context_positions=positions)
     x, t = inputs(net.config)
     context = torch.randn(3, 5, 6, requires_grad=True)
     mask = torch.tensor([[1, 1, 0, 0, 0]] * 3, dtype=torch.bool)
@@ -401,6 +403,36 @@ def test_cross_attention_matches_a_per_head_masked_softmax():
         heads.append(v[:, s] @ w.transpose(1, 2))  # (B, 4, HW)
     ref = x + att.proj(torch.cat(heads, dim=1).reshape(x.shape))
     torch.testing.assert_close(att(x, c, mask), ref)
+
+
+def test_position_features_are_fourier_features_of_the_centres_in_row_major_order():
+    att = CrossAttention(8, context_dim=3, num_heads=2, positions=2)
+    phi = att.position_features((2, 4))  # rows at -1/2, 1/2; columns at -3/4, -1/4, 1/4, 3/4
+    assert phi.shape == (8, 8)
+    y, x = torch.tensor(0.5), torch.tensor(-0.25)  # row 1, column 1: position 5
+    angles = torch.stack([y * math.pi, y * 2 * math.pi, x * math.pi, x * 2 * math.pi]).reshape(2, 2)
+    torch.testing.assert_close(phi[5], torch.cat([angles.sin(), angles.cos()], dim=-1).flatten())
+
+
+def test_positional_queries_start_as_none_and_add_w_p_phi_to_every_query():
+    torch.manual_seed(0)
+    plain, placed = CrossAttention(8, 3, 2), CrossAttention(8, 3, 2, positions=3)
+    assert placed.load_state_dict(plain.state_dict(), strict=False).missing_keys == ["pos.weight"]
+    x, c = torch.randn(2, 8, 3, 5), torch.randn(2, 4, 3)
+    torch.nn.init.normal_(plain.proj.weight), placed.proj.load_state_dict(plain.proj.state_dict())
+    torch.testing.assert_close(placed(x, c), plain(x, c))  # W_P starts at zero
+    torch.nn.init.normal_(placed.pos.weight)
+    q = placed.q(placed.norm(x)).flatten(2) + placed.pos(placed.position_features((3, 5))).T  # (B, C, HW)
+    k, v = placed.kv(c).transpose(1, 2).chunk(2, dim=1)
+    heads = [
+        v[:, s] @ torch.softmax(q[:, s].transpose(1, 2) @ k[:, s] / 2.0, -1).transpose(1, 2)
+        for s in (slice(0, 4), slice(4, 8))
+    ]
+    torch.testing.assert_close(placed(x, c), x + placed.proj(torch.cat(heads, dim=1).reshape(x.shape)))
+    with pytest.raises(ValueError, match="positions"):
+        CrossAttention(8, 3, 2, positions=-1)
+    with pytest.raises(ValueError, match="context_positions"):
+        tiny(context_positions=2)
 
 
 def test_a_context_the_unet_cannot_take_is_refused_in_one_line():

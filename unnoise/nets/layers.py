@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -109,7 +110,9 @@ class Attention(nn.Module):
     the self-attention's parameter names are the same with or without it.
     """
 
-    def __init__(self, channels: int, num_heads: int, dims: int = 2, context_dim: int | None = None):
+    def __init__(
+        self, channels: int, num_heads: int, dims: int = 2, context_dim: int | None = None, positions: int = 0
+    ):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
@@ -117,7 +120,7 @@ class Attention(nn.Module):
         self.norm = group_norm(channels)
         self.qkv = conv(dims, channels, 3 * channels, 1)
         self.proj = zero_init(conv(dims, channels, channels, 1))
-        self.cross = None if context_dim is None else CrossAttention(channels, context_dim, num_heads, dims)
+        self.cross = None if context_dim is None else CrossAttention(channels, context_dim, num_heads, dims, positions)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         B, C = x.shape[:2]
@@ -135,21 +138,40 @@ class CrossAttention(nn.Module):
     per head, then a 1x1 projection that starts at zero. ``h`` ``(B, C, H, W)``, ``context`` ``(B, L,
     context_dim)``, ``mask`` ``(B, L)`` bool, True for real tokens: padded tokens get no attention weight,
     and a row without any real token gets no cross-attention at all (its output is ``h``).
+
+    With ``positions`` = F > 0 the queries also see where they are: ``Q = W_Q GroupNorm(h) + W_P phi(p)``,
+    phi the Fourier features sin, cos(pi 2^k p), k < F, of each position's coordinates in [-1, 1] (as in
+    NeRF's positional encoding). A prompt that places objects ("a bag in the top left") is matched by
+    where a query is; without it a query knows its place only through what the convolutions' zero
+    padding lets through. ``W_P`` starts at zero, so the module starts as the one without it.
     """
 
-    def __init__(self, channels: int, context_dim: int, num_heads: int, dims: int = 2):
+    def __init__(self, channels: int, context_dim: int, num_heads: int, dims: int = 2, positions: int = 0):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} attention heads")
-        self.num_heads = num_heads
+        if positions < 0:
+            raise ValueError(f"positions (Fourier frequencies per axis) must be >= 0, got {positions}")
+        self.num_heads, self.positions = num_heads, positions
         self.norm = group_norm(channels)
         self.q = conv(dims, channels, channels, 1)
         self.kv = nn.Linear(context_dim, 2 * channels)
         self.proj = zero_init(conv(dims, channels, channels, 1))
+        self.pos = zero_init(nn.Linear(2 * dims * positions, channels, bias=False)) if positions else None
+
+    def position_features(self, size: Sequence[int], device=None) -> Tensor:
+        """phi of every position of a feature map of ``size`` (H, W or N), row-major: ``(prod(size), 2 * dims * F)``."""
+        axes = [(2 * torch.arange(n, device=device, dtype=torch.float32) + 1) / n - 1 for n in size]  # centres
+        p = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(size))  # (HW, dims)
+        angles = p[..., None] * (math.pi * 2.0 ** torch.arange(self.positions, device=device))  # (HW, dims, F)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)
 
     def forward(self, x: Tensor, context: Tensor, mask: Tensor | None = None) -> Tensor:
         B, C, heads = x.shape[0], x.shape[1], self.num_heads
         q = self.q(self.norm(x)).reshape(B, heads, C // heads, -1).transpose(-1, -2)  # (B, heads, H*W, d)
+        if self.pos is not None:
+            where = self.pos(self.position_features(x.shape[2:], x.device).to(self.pos.weight.dtype))  # (H*W, C)
+            q = q + where.to(q.dtype).reshape(-1, heads, C // heads).transpose(0, 1)
         k, v = self.kv(context).reshape(B, -1, 2, heads, C // heads).permute(2, 0, 3, 1, 4)  # (B, heads, L, d)
         if mask is None:
             h = F.scaled_dot_product_attention(q, k, v)

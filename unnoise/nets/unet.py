@@ -57,6 +57,7 @@ class UNetConfig:
     dims: int = 2  # 2: images (B, C, H, W); 1: sequences such as waveforms (B, C, N)
     factor: int = 2  # down/upsampling factor between levels (each spatial axis)
     context_dim: int | None = None  # None: no cross-attention; else every attention block also attends to context
+    context_positions: int = 0  # Fourier frequencies per axis in cross-attention queries (CrossAttention)
 
     def __post_init__(self):
         # lists (e.g. from config.json) become tuples, so configs compare and hash alike
@@ -81,6 +82,8 @@ class UNetConfig:
             raise ValueError(f"num_classes must be None (unconditional) or >= 1, got {self.num_classes}")
         if self.context_dim is not None and self.context_dim < 1:
             raise ValueError(f"context_dim must be None (no cross-attention) or >= 1, got {self.context_dim}")
+        if self.context_positions < 0 or (self.context_positions and self.context_dim is None):
+            raise ValueError(f"context_positions must be >= 0 (0 without context_dim), got {self.context_positions}")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -182,7 +185,7 @@ class UNet(nn.Module):
             return channels // cfg.head_channels if cfg.head_channels else cfg.num_heads
 
         def attention(channels: int) -> Attention:
-            return Attention(channels, heads(channels), dims, cfg.context_dim)
+            return Attention(channels, heads(channels), dims, cfg.context_dim, cfg.context_positions)
 
         def stage(c_in: int, c_out: int, size: int) -> Stage:
             res = ResBlock(c_in, c_out, emb_dim, cfg.dropout, dims)
