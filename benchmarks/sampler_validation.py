@@ -21,7 +21,7 @@ import time
 import warnings
 
 import torch
-from mixtures import VALIDATION_SEED, family
+from mixtures import FIT_SEED, VALIDATION_SEED, family
 from samplers import diffusers_configs, reference_solution, run_theirs, their_start
 
 import unnoise
@@ -123,14 +123,19 @@ def best(rows: list[dict], side: str, nfe: int, method: str | None = None) -> di
     return min(sel, key=lambda r: r["rms"])
 
 
-def run(count: int, n: int, nfes: list[int]) -> None:
+def run(count: int, n: int, nfes: list[int], seed: int | None = None) -> None:
+    """The validation table over ``count`` mixtures of the family drawn with ``seed`` (default
+    VALIDATION_SEED; FIT_SEED is the one the grids were fitted on, so it is refused)."""
+    seed = VALIDATION_SEED if seed is None else seed
+    if seed == FIT_SEED:
+        raise SystemExit(f"seed {FIT_SEED} is the fitting family's (benchmarks/tune_grids.py): validate on another")
     start_time = time.perf_counter()
     cells = []  # (label, schedule, nfe, rows)
-    for i, (label, mix) in enumerate(family(VALIDATION_SEED, count)):
+    for i, (label, mix) in enumerate(family(seed, count)):
         for schedule in SCHEDULES:
             rows = cell(mix, schedule, nfes, n, seed=10_000 + i)
             cells += [(label, schedule, k, rows) for k in nfes]
-    print(f"\n### Validation family: {count} mixtures (seed {VALIDATION_SEED}) x {SCHEDULES} x NFE {nfes}, {n} samples")
+    print(f"\n### Validation family: {count} mixtures (seed {seed}) x {SCHEDULES} x NFE {nfes}, {n} samples")
     print("ratio = unnoise / diffusers' best (by RMS) in each cell; per-sample errors pooled as medians over cells")
     print("| unnoise | NFE | geomean RMS ratio | worst cell | median-error ratio | cells > 1 | flip ours / theirs |")
     print("|---|---|---|---|---|---|---|")

@@ -20,7 +20,7 @@ seed that grid fitting never uses; linear, cosine and EDM ranges; NFE 5, 10, 20)
 
 Run: python benchmarks/samplers.py            (fixed cases ~10 min, then 50 validation mixtures)
      python benchmarks/samplers.py --quick    (2-D only, NFE 5 and 10; 6 validation mixtures)
-     python benchmarks/samplers.py --validation-only [--validation 50] [--samples 64]
+     python benchmarks/samplers.py --validation-only [--validation 50] [--samples 64] [--family-seed 2]
 """
 
 from __future__ import annotations
@@ -250,12 +250,15 @@ def main() -> None:
     parser.add_argument("--validation", type=int, default=None, help="mixtures of the validation family (50)")
     parser.add_argument("--samples", type=int, default=64, help="samples per validation mixture (64)")
     parser.add_argument("--validation-only", action="store_true", help="skip the fixed cases and the overhead")
+    parser.add_argument(
+        "--family-seed", type=int, default=None, help="draw the validation family with this seed (default 2; 1 fits)"
+    )
     args = parser.parse_args()
     count = args.validation if args.validation is not None else 6 if args.quick else 50
     if args.validation_only:
         from sampler_validation import run
 
-        return run(count, args.samples, [5, 10, 20])
+        return run(count, args.samples, [5, 10, 20], args.family_seed)
     nfes = [5, 10] if args.quick else [5, 10, 20, 50]
     problems = [("2d", ring_mixture(), 2000)]
     if not args.quick:
@@ -272,7 +275,7 @@ def main() -> None:
     if count:
         from sampler_validation import run
 
-        run(count, args.samples, [5, 10, 20])
+        run(count, args.samples, [5, 10, 20], args.family_seed)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,17 @@ validation seed of benchmarks/sampler_validation.py, and not the benchmark's fix
 under the linear and cosine DDPM schedules (T = 1000) and the EDM range, 64 samples each, the
 grid's center in units of each mixture's data std (sigma_data = sqrt(mean diagonal of its
 covariance), what a trained run records). At NFE 5, 10, 20 it is the mean log ratio of unnoise's
-RMS error to diffusers' best scheduler's in the same cell, plus the mean of its positive part (a
-penalty on every cell where diffusers wins, since the goal is to lose in none); at NFE 50, where
-diffusers is not run, the mean log RMS error. Errors are against a high-accuracy PF-ODE solution.
+RMS error to diffusers' best scheduler's in the same cell, plus the mean of its positive part and
+of that squared (penalties on every cell where diffusers wins, the worst most, since the goal is to
+lose in none); at NFE 50, where diffusers is not run, the mean log RMS error. Errors are against a
+high-accuracy PF-ODE solution. The density has seven parameters: density_grid's bump at the data's
+scale, its floor and tail, and the mode bump at sigma_data sqrt(d) (``--no-mode``: the first four).
 ``--fixed`` fits on the benchmark's six fixed problems at sigma_data 1 instead (mean log error;
 how the table's older fits were made). Prints the fitted parameters, keyed by the number of grid
 steps, as unnoise.sampling.grids.TUNED holds them.
 
-Run: python benchmarks/tune_grids.py [--count 50] [--fixed] [sampler ...]   (about 20 min per
-sampler on one core for the family)
+Run: python benchmarks/tune_grids.py [--count 50] [--fixed] [--no-mode] [sampler ...]   (about
+50 min per sampler on two cores for the family, 7 parameters)
 """
 
 from __future__ import annotations
@@ -75,13 +77,14 @@ def diffusers_best(mix, n: int, seed: int) -> dict[str, dict[int, float]]:
 
 
 def unpack(p: np.ndarray) -> dict[str, float]:
-    """Unconstrained -> grid parameters: center > 0, width > 0, floor and tail in (0, 1)."""
-    return {
-        "center": math.exp(p[0]),
-        "width": math.exp(p[1]),
-        "floor": _sigmoid(p[2]),
-        "tail": _sigmoid(p[3]),
-    }
+    """Unconstrained -> grid parameters: centers and widths > 0, shares and tail in (0, 1).
+
+    Four numbers fit density_grid's one bump; seven add the mode bump (mode_center in units of
+    sigma_data sqrt(d), mode_width, mode_share)."""
+    out = {"center": math.exp(p[0]), "width": math.exp(p[1]), "floor": _sigmoid(p[2]), "tail": _sigmoid(p[3])}
+    if len(p) == 7:
+        out |= {"mode_center": math.exp(p[4]), "mode_width": math.exp(p[5]), "mode_share": _sigmoid(p[6])}
+    return out
 
 
 def _sigmoid(z: float) -> float:
@@ -92,10 +95,10 @@ def log_ratios(name: str, nfe: int, params: dict[str, float], probs: list[dict])
     """Per cell: log of unnoise's RMS error over diffusers' best (or over 1 where not compared)."""
     out = []
     for p in probs:
-        center = params["center"] * p["sigma_data"]
-        grid = density_grid(
-            steps_for_nfe(name, nfe), p["sched"].sigma_min, p["sched"].sigma_max, **params | {"center": center}
-        )
+        scaled = {"center": params["center"] * p["sigma_data"]}
+        if "mode_center" in params:  # as make_grid places it: sigma_data sqrt(d) times the fitted one
+            scaled["mode_center"] = params["mode_center"] * p["sigma_data"] * math.sqrt(p["mix"].dim)
+        grid = density_grid(steps_for_nfe(name, nfe), p["sched"].sigma_min, p["sched"].sigma_max, **params | scaled)
         x = SAMPLERS[name](p["mix"].denoise, p["x"], grid)
         err = (x - p["ref"]).pow(2).mean().sqrt().item() if torch.isfinite(x).all() else 1e3
         out.append(math.log(err / p["theirs"].get(nfe, 1.0)))
@@ -103,21 +106,28 @@ def log_ratios(name: str, nfe: int, params: dict[str, float], probs: list[dict])
 
 
 def objective(name: str, nfe: int, params: dict[str, float], probs: list[dict]) -> float:
+    """Mean log ratio, plus the mean of its positive part and of that squared: every cell lost to
+    diffusers costs extra, and the worst cells most (the goal is to lose in none)."""
     r = log_ratios(name, nfe, params, probs)
-    return float(r.mean() + (np.maximum(r, 0).mean() if nfe in COMPARED and probs[0]["theirs"] else 0.0))
+    if nfe not in COMPARED or not probs[0]["theirs"]:
+        return float(r.mean())
+    lost = np.maximum(r, 0)
+    return float(r.mean() + lost.mean() + (lost**2).mean())
 
 
-def fit(name: str, nfe: int, probs: list[dict], warm: np.ndarray | None) -> tuple[np.ndarray, float]:
+def fit(name: str, nfe: int, probs: list[dict], mode: bool) -> tuple[np.ndarray, float]:
     from scipy.optimize import minimize
 
     starts = [np.array([0.0, 0.7, -2.0, 0.0]), np.array([-1.0, 0.3, -3.0, 2.0])]
+    if mode:  # the same, plus a mode bump at sigma_data sqrt(d) with a small share
+        starts = [np.concatenate([s, [0.0, -0.5, -2.0]]) for s in starts]
     best = None
-    for start in ([warm] if warm is not None else []) + starts:
+    for start in starts:
         res = minimize(
             lambda p: objective(name, nfe, unpack(p), probs),
             start,
             method="Nelder-Mead",
-            options={"maxfev": 90, "xatol": 1e-3, "fatol": 1e-4},
+            options={"maxfev": 90 * len(start) // 4, "xatol": 1e-3, "fatol": 1e-4},
         )
         if best is None or res.fun < best.fun:
             best = res
@@ -131,18 +141,24 @@ def main() -> None:
     parser.add_argument("samplers", nargs="*", default=["unipc", "dpmpp_2m", "euler"])
     parser.add_argument("--count", type=int, default=50, help="mixtures of the fitting family")
     parser.add_argument("--fixed", action="store_true", help="fit on the benchmark's fixed cases instead")
+    parser.add_argument("--no-mode", action="store_true", help="one bump only (no mode bump at sigma_data sqrt(d))")
+    parser.add_argument("--nfe", type=int, nargs="+", default=list(NFES), help="the budgets to fit (independently)")
     args = parser.parse_args()
     names, probs = args.samplers, problems(args.fixed, args.count)
     for name in names:
-        warm, lines = None, []
-        for nfe in NFES:
-            warm, value = fit(name, nfe, probs, warm)
-            p, r = unpack(warm), log_ratios(name, nfe, unpack(warm), probs)
-            note = f"geomean ratio {math.exp(r.mean()):.3f}, worst {math.exp(r.max()):.2f}" if nfe in COMPARED else ""
-            lines.append(
-                f"        {steps_for_nfe(name, nfe)}: dict(center={p['center']:.4g}, width={p['width']:.4g}, "
-                f"floor={p['floor']:.4g}, tail={p['tail']:.4g}),  # NFE {nfe}: objective {value:.3f} {note}"
+        lines = []
+        for nfe in args.nfe:
+            best, value = fit(name, nfe, probs, mode=not args.no_mode)
+            p = unpack(best)
+            r = log_ratios(name, nfe, p, probs)
+            note = (
+                f"geomean ratio {math.exp(r.mean()):.3f}, worst {math.exp(r.max()):.2f}, lost {(r > 0).sum()}/{len(r)}"
+                if nfe in COMPARED and not args.fixed
+                else ""
             )
+            values = ", ".join(f"{k}={v:.4g}" for k, v in p.items())
+            steps = steps_for_nfe(name, nfe)
+            lines.append(f"        {steps}: dict({values}),  # NFE {nfe}: objective {value:.3f} {note}")
         print(f'    "{name}": {{  # relative\n' + "\n".join(lines) + "\n    },", flush=True)
 
 

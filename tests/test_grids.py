@@ -141,7 +141,7 @@ def test_ddpm_on_the_diffwave_grid_is_diffwaves_fast_sampler():
         make_grid("diffwave", 10, 0.002, 80.0)
 
 
-@pytest.mark.parametrize("sampler", ["unipc", "dpmpp_2m", "heun"])
+@pytest.mark.parametrize("sampler", ["unipc", "unipc_3", "dpmpp_2m", "heun"])
 def test_tuned_grid_scales_with_the_data(sampler):
     """The PF-ODE is scale-equivariant: data scaled by s has the trajectories scaled by s. So the
     tuned grid for data std s over [s a, s b] is s times the grid for data std 1 over [a, b], and
@@ -186,3 +186,50 @@ def test_sample_reads_the_data_scale_from_the_denoiser():
     assert not torch.allclose(expected[0.1], expected[3.0])
     with pytest.raises(ValueError, match="sigma_data"):
         grid_of(denoise, sigma_data=-1.0)
+
+
+def test_density_grid_without_a_mode_share_is_the_one_bump_grid():
+    one = density_grid(12, 0.002, 80.0, center=0.7, width=1.3, floor=0.05, tail=0.5)
+    two = density_grid(12, 0.002, 80.0, center=0.7, width=1.3, floor=0.05, tail=0.5, mode_center=9.0, mode_share=0.0)
+    assert torch.equal(one, two)
+
+
+def test_density_grid_splits_steps_between_its_two_bumps():
+    """Equal shares, narrow bumps two decades apart, no floor: about half the steps at each."""
+    g = density_grid(
+        21, 0.002, 80.0, center=0.05, width=0.3, floor=0.0, tail=0.0, mode_center=5.0, mode_width=0.3, mode_share=0.5
+    )[:-1]
+    near = lambda c: ((g > c * math.exp(-0.9)) & (g < c * math.exp(0.9))).sum().item()  # noqa: E731
+    assert near(0.05) >= 8 and near(5.0) >= 8  # 3 widths each side hold 99.7%; the ends sit outside
+
+
+def test_tuned_mode_bump_sits_at_sigma_data_sqrt_dim():
+    """Fits with a mode bump place it at sigma_data sqrt(d) times the fitted mode_center: the grid for
+    (sigma_data s, d coordinates) is density_grid with both centers scaled that way, and d moves it."""
+    params = tuned_parameters("unipc_3", 5)
+    assert params["mode_share"] > 0
+    s, d = 0.3, 784
+    want = density_grid(
+        5, 0.002, 80.0, **params | {"center": params["center"] * s, "mode_center": params["mode_center"] * s * 28}
+    )
+    torch.testing.assert_close(make_grid("tuned", 5, 0.002, 80.0, sampler="unipc_3", sigma_data=s, dim=d), want)
+    assert not torch.equal(make_grid("tuned", 5, 0.002, 80.0, sampler="unipc_3", sigma_data=s, dim=1), want)
+    # without a mode share (UniPC-3 above 5 steps) the dimension does not matter
+    ten = [make_grid("tuned", 10, 0.002, 80.0, sampler="unipc_3", sigma_data=s, dim=k) for k in (1, 784)]
+    assert torch.equal(*ten)
+    with pytest.raises(ValueError, match="dim .* must be an integer >= 1"):
+        make_grid("tuned", 5, 0.002, 80.0, sampler="unipc_3", dim=0)
+
+
+def test_sample_gives_the_tuned_grid_the_coordinates_per_sample():
+    seen = []
+
+    def denoise(x, sigma):
+        seen.append(float(sigma))
+        return torch.zeros_like(x)
+
+    x = torch.zeros(2, 3, 4, 4, dtype=f64)
+    unnoise.sample(denoise, x, sampler="unipc_3", nfe=5, sigma_max=80.0, sigma_min=0.002, sigma_data=0.5)
+    want = make_grid("tuned", 5, 0.002, 80.0, sampler="unipc_3", sigma_data=0.5, dim=48)[:-1]
+    assert not torch.equal(want, make_grid("tuned", 5, 0.002, 80.0, sampler="unipc_3", sigma_data=0.5)[:-1])
+    torch.testing.assert_close(torch.tensor(seen, dtype=f64), want)

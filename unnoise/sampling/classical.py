@@ -144,11 +144,11 @@ def sample_rk45(
 
 def _finish_unipc(denoise: Denoiser, x: Tensor, s_hi: float, s_lo: float, n: int, i0: int, callback) -> Tensor:
     """UniPC-bh2 (order 2) from s_hi to 0 in n calls, on UniPC's default grid restricted to [s_lo, s_hi]."""
-    from unnoise.sampling.grids import DEFAULT_SIGMA_DATA, make_grid
+    from unnoise.sampling.grids import DEFAULT_SIGMA_DATA, coordinates_per_sample, make_grid
 
     scale = getattr(denoise, "sigma_data", None) or DEFAULT_SIGMA_DATA  # the data scale, if the denoiser carries one
     grid = (
-        make_grid("tuned", n, s_lo, s_hi, sampler="unipc", sigma_data=scale)
+        make_grid("tuned", n, s_lo, s_hi, sampler="unipc", sigma_data=scale, dim=coordinates_per_sample(x))
         if s_hi > s_lo
         else torch.tensor([s_hi, 0.0])
     )

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from unnoise.sampling.grids import DEFAULT_SIGMA_DATA, make_grid
+from unnoise.sampling.grids import DEFAULT_SIGMA_DATA, coordinates_per_sample, make_grid
 from unnoise.sampling.samplers import SAMPLERS, Callback, Denoiser, Generator
 
 # Steps a sampler can afford with a budget of nfe evaluations (Heun: 2 per step, Euler last).
@@ -86,7 +86,8 @@ def sample(
     img2img). The grid has ``steps_for_nfe(sampler, nfe)`` steps from sigma_max to sigma_min, then
     0; ``grid=None`` takes the sampler's best measured grid (:data:`DEFAULT_GRIDS`). Uniform-t
     grids need ``schedule`` (or a denoiser with a ``.schedule``); the tuned grid is centred on the
-    data's scale, ``sigma_data`` (default: :func:`data_scale`). ``options`` go to the sampler
+    data's scale, ``sigma_data`` (default: :func:`data_scale`), and on the scale at which modes are
+    decided, ``sigma_data`` times the square root of the coordinates per sample of ``x``. ``options`` go to the sampler
     (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget (at least 2) and its own
     adaptive steps from sigma_max to sigma_min; pass ``info={}`` to read the method and the
     tolerance it reached (:func:`unnoise.sampling.classical.sample_rk45`).
@@ -109,6 +110,7 @@ def sample(
             schedule=schedule,
             sampler=sampler,
             sigma_data=scale,
+            dim=coordinates_per_sample(x),
         )
     counted = CountingDenoiser(denoise)
     counted.sigma_data = scale  # rk45's fixed-step finish centres its grid on it

@@ -73,10 +73,25 @@ TUNED: dict[str, dict[int, dict[str, float]]] = {
 }
 
 
-# Samplers that are another one under a second name share its fit.
-# UniPC-3 on UniPC's fit beats its own older (absolute) fit on the fitting family: geomean ratio
-# to diffusers' best 0.233 vs 0.268, worst cell 6.3 vs 16.9.
-_SAME_AS = {"ddim": "euler", "unipc_bh2": "unipc", "unipc_3": "unipc"}
+# UniPC-3 at 5 steps: `benchmarks/tune_grids.py unipc_3 --nfe 5`, the 7-parameter density with a mode
+# bump at sigma_data sqrt(d), on the fitting family (seed 1): geomean ratio 0.393 -> 0.342, cells lost
+# 16 -> 12 of 150; checked on a fresh family (seed 3): 0.437 -> 0.352, 8 -> 3, worst cell 1.57 -> 1.61.
+# Above 5 steps it keeps UniPC's one-bump fits (mode_share 0): the mode-bump fits for 10 and 20 steps
+# won on the fitting family but lost on the fresh one (NFE 10 worst cell 1.28 -> 3.12; NFE 20 cells
+# lost 1 -> 5), so they are not used.
+_MODE_5 = dict(mode_center=0.9995, mode_width=0.5369, mode_share=0.122)
+TUNED["unipc_3"] = {
+    5: dict(center=0.9148, width=1.558, floor=0.04, tail=0.9233) | _MODE_5,
+    **{n: fit | _MODE_5 | {"mode_share": 0.0} for n, fit in TUNED["unipc"].items() if n > 5},
+}
+
+# Samplers that are another one under a second name share its fit. UniPC-3 shares UniPC's
+# one-bump fit above 5 steps (it beat its own older, absolute fit on the fitting family: geomean
+# ratio to diffusers' best 0.233 vs 0.268, worst cell 6.3 vs 16.9) and has a mode bump at 5.
+_SAME_AS = {"ddim": "euler", "unipc_bh2": "unipc"}
+
+
+_LOG_KEYS = ("center", "width", "mode_center", "mode_width")  # interpolated in log space
 
 
 def tuned_parameters(sampler: str | None, n: int) -> dict[str, float]:
@@ -101,10 +116,14 @@ def tuned_parameters(sampler: str | None, n: int) -> dict[str, float]:
     out = {}
     for key in fits[lo]:
         a, b = fits[lo][key], fits[hi][key]
-        out[key] = (
-            math.exp((1 - w) * math.log(a) + w * math.log(b)) if key in ("center", "width") else (1 - w) * a + w * b
-        )
+        out[key] = math.exp((1 - w) * math.log(a) + w * math.log(b)) if key in _LOG_KEYS else (1 - w) * a + w * b
     return out
+
+
+def coordinates_per_sample(x: Tensor) -> int:
+    """The data's dimension d for a batch ``x`` (samples along dim 0): what the tuned grid's
+    mode bump scales with."""
+    return x[0].numel() if x.ndim > 1 else 1
 
 
 def _with_zero(sigmas: Tensor) -> Tensor:
@@ -173,13 +192,16 @@ def make_grid(
     rho: float = 7.0,
     sampler: str | None = None,
     sigma_data: float = DEFAULT_SIGMA_DATA,
+    dim: int = 1,
 ) -> Tensor:
     """A grid of ``n`` steps by name; uniform-t grids use ``schedule`` (and ignore the sigma range),
     as does ``"diffwave"`` (:data:`DIFFWAVE_FAST_BETAS`, 6 steps).
 
     ``"tuned"`` is :func:`density_grid` with the parameters fitted for ``sampler`` and ``n``
     (:func:`tuned_parameters`), its center at ``sigma_data`` (the data's standard deviation per
-    coordinate) times the fitted one; the other grids do not depend on the data.
+    coordinate) times the fitted one and, where the fit has one, its second bump (``mode_*``) at
+    ``sigma_data * sqrt(dim)`` times the fitted one (``dim``: coordinates per sample); the other
+    grids do not depend on the data.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of steps must be an integer >= 1, got {n!r}")
@@ -190,8 +212,13 @@ def make_grid(
             raise ValueError(
                 f"sigma_data (the data's standard deviation) must be a finite number > 0, got {sigma_data}"
             )
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim (coordinates per sample) must be an integer >= 1, got {dim!r}")
         params = tuned_parameters(sampler, n)
-        return density_grid(n, sigma_min, sigma_max, **params | {"center": params["center"] * sigma_data})
+        params["center"] *= sigma_data
+        if "mode_center" in params:
+            params["mode_center"] *= sigma_data * math.sqrt(dim)
+        return density_grid(n, sigma_min, sigma_max, **params)
     if name == "karras":
         return karras_grid(n, sigma_min, sigma_max, rho)
     if name == "log_snr":
@@ -218,22 +245,35 @@ def density_grid(
     width: float,
     floor: float,
     tail: float,
+    mode_center: float = 1.0,
+    mode_width: float = 1.0,
+    mode_share: float = 0.0,
     resolution: int = 4097,
 ) -> Tensor:
-    """Steps at equal quantiles of a density over log sigma: a Gaussian bump plus a uniform floor.
+    """Steps at equal quantiles of a density over log sigma: Gaussian bumps plus a uniform floor.
 
     The bump (at log ``center``, std ``width`` in log sigma) puts steps where the denoiser changes
     fastest along the ODE, around the data's scales; ``floor`` is the share spread uniformly.
-    Step i sits at quantile 1 - i / (n - 1 + tail): ``tail = 0`` ends at sigma_min, ``tail = 1``
-    stops one step short, like diffusers' trailing spacing (the final jump to 0 is cheaper there).
+    A second bump (``mode_center``, ``mode_width``, a share ``mode_share`` of the bumps' mass)
+    covers the noise level at which a sample's mode is decided: the posterior over which part of
+    the data x came from sharpens once the noise's norm, sigma sqrt(d), falls to the distance
+    between data points, ~ sigma_data sqrt(2 d); in d dimensions that is sqrt(d) above the
+    per-coordinate scale (make_grid places it there). Step i sits at quantile
+    1 - i / (n - 1 + tail): ``tail = 0`` ends at sigma_min, ``tail = 1`` stops one step short,
+    like diffusers' trailing spacing (the final jump to 0 is cheaper there).
     """
     if n == 1:
         return _with_zero(torch.tensor([sigma_max], dtype=torch.float64))
     ell = torch.linspace(math.log(sigma_min), math.log(sigma_max), resolution, dtype=torch.float64)
     span = ell[-1] - ell[0]
-    dens = floor / span + (1 - floor) * torch.exp(-0.5 * ((ell - math.log(center)) / width) ** 2) / (
-        width * math.sqrt(2 * math.pi)
-    )
+
+    def bump(c: float, w: float) -> Tensor:
+        return torch.exp(-0.5 * ((ell - math.log(c)) / w) ** 2) / (w * math.sqrt(2 * math.pi))
+
+    bumps = (1 - mode_share) * bump(center, width)
+    if mode_share > 0:
+        bumps = bumps + mode_share * bump(mode_center, mode_width)
+    dens = floor / span + (1 - floor) * bumps
     cdf = torch.cat([dens.new_zeros(1), ((dens[1:] + dens[:-1]) / 2 * (ell[1:] - ell[:-1])).cumsum(0)])
     cdf = cdf / cdf[-1]
     q = 1 - torch.arange(n, dtype=torch.float64) / (n - 1 + tail)
