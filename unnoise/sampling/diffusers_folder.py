@@ -199,10 +199,8 @@ class DiffusersModel:
         if grid == "scheduler":
             c = self.scheduler_config
             return scheduler_grid(n, self.schedule, c.get("timestep_spacing", "leading"), c.get("steps_offset", 0))
-        s = self.schedule
-        return make_grid(
-            grid or "tuned", n, s.sigma_min, s.sigma_max, schedule=s, sampler=sampler, dim=math.prod(self.shape)
-        )
+        s, dim = self.schedule, math.prod(self.shape)
+        return make_grid(grid or "tuned", n, s.sigma_min, s.sigma_max, schedule=s, sampler=sampler, dim=dim)
 
     def labels(self, n: int, class_id: int | None) -> Tensor | None:
         """``class_id`` for all n, or the classes in turn (class-conditional UNets); None if unconditional."""
