@@ -86,9 +86,9 @@ def sample(
     img2img). The grid has ``steps_for_nfe(sampler, nfe)`` steps from sigma_max to sigma_min, then
     0; ``grid=None`` takes the sampler's best measured grid (:data:`DEFAULT_GRIDS`). Uniform-t
     grids need ``schedule`` (or a denoiser with a ``.schedule``); the tuned grid is centred on the
-    data's scale, ``sigma_data`` (default: :func:`data_scale`), and on the scale at which modes are
-    decided, ``sigma_data`` times the square root of the coordinates per sample of ``x``. ``options`` go to the sampler
-    (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget (at least 2) and its own
+    data's scale, ``sigma_data`` (default: :func:`data_scale`), and where a fit has a mode bump, on
+    ``sigma_data`` times the square root of the coordinates per sample of ``x``, where modes are
+    decided. ``options`` go to the sampler (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget (at least 2) and its own
     adaptive steps from sigma_max to sigma_min; pass ``info={}`` to read the method and the
     tolerance it reached (:func:`unnoise.sampling.classical.sample_rk45`).
     """
