@@ -88,9 +88,10 @@ def sample(
     grids need ``schedule`` (or a denoiser with a ``.schedule``); the tuned grid is centred on the
     data's scale, ``sigma_data`` (default: :func:`data_scale`), and where a fit has a mode bump, on
     ``sigma_data`` times the square root of the coordinates per sample of ``x``, where modes are
-    decided. ``options`` go to the sampler (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as its budget (at least 2) and its own
-    adaptive steps from sigma_max to sigma_min; pass ``info={}`` to read the method and the
-    tolerance it reached (:func:`unnoise.sampling.classical.sample_rk45`).
+    decided. ``options`` go to the sampler (e.g. ``eta``, ``s_churn``); ``rk45`` uses ``nfe`` as
+    its budget (at least 2) and its own adaptive steps from sigma_max to sigma_min; pass
+    ``info={}`` to read the method and the tolerance it reached
+    (:func:`unnoise.sampling.classical.sample_rk45`).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
