@@ -15,8 +15,9 @@ scale, its floor and tail, and the mode bump at sigma_data sqrt(d) (``--no-mode`
 how the table's older fits were made). Prints the fitted parameters, keyed by the number of grid
 steps, as unnoise.sampling.grids.TUNED holds them.
 
-Run: python benchmarks/tune_grids.py [--count 50] [--fixed] [--no-mode] [sampler ...]   (about
-50 min per sampler on two cores for the family, 7 parameters)
+Run: python benchmarks/tune_grids.py [--count 50] [--fixed] [--no-mode] [--nfe 5 ...] [sampler ...]
+(for the family on one thread: about 6 min to prepare, then 3 to 11 min per NFE from 5 to 20 with
+7 parameters; independent --nfe runs can share the machine's cores)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from samplers import reference_solution
 import unnoise
 from unnoise.modalities.toy.data import ring_mixture
 from unnoise.sampling.front import steps_for_nfe
-from unnoise.sampling.grids import density_grid
+from unnoise.sampling.grids import density_grid, placed
 from unnoise.sampling.samplers import SAMPLERS
 from unnoise.schedules import EDMRange
 
@@ -95,10 +96,8 @@ def log_ratios(name: str, nfe: int, params: dict[str, float], probs: list[dict])
     """Per cell: log of unnoise's RMS error over diffusers' best (or over 1 where not compared)."""
     out = []
     for p in probs:
-        scaled = {"center": params["center"] * p["sigma_data"]}
-        if "mode_center" in params:  # as make_grid places it: sigma_data sqrt(d) times the fitted one
-            scaled["mode_center"] = params["mode_center"] * p["sigma_data"] * math.sqrt(p["mix"].dim)
-        grid = density_grid(steps_for_nfe(name, nfe), p["sched"].sigma_min, p["sched"].sigma_max, **params | scaled)
+        here = placed(params, p["sigma_data"], p["mix"].dim)  # as make_grid places a fit
+        grid = density_grid(steps_for_nfe(name, nfe), p["sched"].sigma_min, p["sched"].sigma_max, **here)
         x = SAMPLERS[name](p["mix"].denoise, p["x"], grid)
         err = (x - p["ref"]).pow(2).mean().sqrt().item() if torch.isfinite(x).all() else 1e3
         out.append(math.log(err / p["theirs"].get(nfe, 1.0)))

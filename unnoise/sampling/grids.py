@@ -97,8 +97,8 @@ _LOG_KEYS = ("center", "width", "mode_center", "mode_width")  # interpolated in 
 def tuned_parameters(sampler: str | None, n: int) -> dict[str, float]:
     """The fitted density_grid parameters for ``sampler`` at ``n`` steps.
 
-    Between fitted step counts each parameter is interpolated linearly in log n (center and
-    width in log space); outside them the nearest fit is used. Samplers without a fit of their
+    Between fitted step counts each parameter is interpolated linearly in log n (centers and
+    widths in log space); outside them the nearest fit is used. Samplers without a fit of their
     own (the stochastic ones) use DPM-Solver++(2M)'s: measured by Frechet distance on the
     benchmark's mixtures, that beats Karras, log-SNR and linspace grids for them and is within
     noise of trailing, which needs a discrete schedule.
@@ -117,6 +117,15 @@ def tuned_parameters(sampler: str | None, n: int) -> dict[str, float]:
     for key in fits[lo]:
         a, b = fits[lo][key], fits[hi][key]
         out[key] = math.exp((1 - w) * math.log(a) + w * math.log(b)) if key in _LOG_KEYS else (1 - w) * a + w * b
+    return out
+
+
+def placed(params: dict[str, float], sigma_data: float, dim: int) -> dict[str, float]:
+    """Fitted density_grid parameters, whose centers are in data units, placed for one data set:
+    ``center`` times sigma_data, ``mode_center`` (if any) times sigma_data sqrt(dim)."""
+    out = dict(params, center=params["center"] * sigma_data)
+    if "mode_center" in out:
+        out["mode_center"] *= sigma_data * math.sqrt(dim)
     return out
 
 
@@ -214,11 +223,7 @@ def make_grid(
             )
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim (coordinates per sample) must be an integer >= 1, got {dim!r}")
-        params = tuned_parameters(sampler, n)
-        params["center"] *= sigma_data
-        if "mode_center" in params:
-            params["mode_center"] *= sigma_data * math.sqrt(dim)
-        return density_grid(n, sigma_min, sigma_max, **params)
+        return density_grid(n, sigma_min, sigma_max, **placed(tuned_parameters(sampler, n), sigma_data, dim))
     if name == "karras":
         return karras_grid(n, sigma_min, sigma_max, rho)
     if name == "log_snr":
