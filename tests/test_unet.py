@@ -205,6 +205,26 @@ def test_waveform_unet_downsampling_covers_every_input_sample():
     assert down(torch.randn(2, 1, 16)).shape == (2, 1, 4) and up(torch.randn(2, 1, 4)).shape == (2, 1, 16)
 
 
+@pytest.mark.parametrize("dims,factor", [(2, 2), (2, 3), (1, 2), (1, 4)])
+def test_upsample_is_nearest_neighbour_then_its_conv(dims, factor):
+    """The transposed conv equals the definition, values and gradients, at every border (float64)."""
+    from unnoise.nets.unet import Upsample
+
+    torch.manual_seed(0)
+    up = Upsample(3, dims=dims, factor=factor).double()
+    x = torch.randn(2, 3, *(5,) * dims, dtype=torch.float64)
+    got = up(x)
+    want = up.conv(torch.nn.functional.interpolate(x, scale_factor=float(factor), mode="nearest"))
+    assert got.shape == want.shape == (2, 3, *(5 * factor,) * dims)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(got)
+    grads = [
+        torch.autograd.grad(out, up.conv.weight, g)[0]
+        for out in (up(x), up.conv(torch.nn.functional.interpolate(x, scale_factor=float(factor), mode="nearest")))
+    ]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+
+
 def test_waveform_unet_sees_the_whole_sequence_and_not_the_batch():
     cfg = waveform()
     net = perturbed(cfg)

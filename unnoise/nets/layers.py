@@ -102,8 +102,21 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def channel_major_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """``v softmax(q^T k / sqrt(d))^T`` per head: q, k, v ``(B, heads, d, N)`` -> ``(B, heads, d, N)``.
+
+    The layout a 1x1 qkv conv produces, kept to the end, so the result reshapes to ``(B, C, N)`` with
+    no copy. Plain matmuls rather than ``scaled_dot_product_attention``: on a CPU its fused kernels need
+    a stride-1 last axis (this layout would need three copies, and flash attention at 49 positions
+    was 3x slower still), and its math fallback casts bf16 to float32 and back and checks every row
+    for -inf. At 7x7, 64 channels, batch 64, bf16, forward and backward: 2.6 ms against 6.3 ms.
+    """
+    scores = torch.matmul(q.transpose(-1, -2) * q.shape[-2] ** -0.5, k)  # (B, heads, N_q, N_k)
+    return torch.matmul(v, scores.softmax(dim=-1).transpose(-1, -2))
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention over the H*W (or N) positions: GroupNorm -> qkv 1x1 -> SDPA -> 1x1 (zero), residual.
+    """Multi-head self-attention over the H*W (or N) positions: GroupNorm, qkv 1x1, attention, 1x1 (zero), residual.
 
     With ``context_dim``, a :class:`CrossAttention` to a context ``(B, L, context_dim)`` follows, as in
     LDM's transformer block (self-attention, then cross-attention); it is the submodule ``cross``, so
@@ -124,10 +137,8 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         B, C = x.shape[:2]
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, -1)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # 3 x (B, heads, H*W, C/heads)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
-        h = x + self.proj(h.transpose(-1, -2).reshape(x.shape))
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, self.num_heads, C // self.num_heads, -1).unbind(1)
+        h = x + self.proj(channel_major_attention(q, k, v).reshape(x.shape))  # heads' channels in order
         return h if self.cross is None else self.cross(h, context, mask)
 
 

@@ -142,15 +142,37 @@ class Downsample(nn.Sequential):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x f, then conv3x3: ``(B, c, H, W)`` -> ``(B, c, fH, fW)``."""
+    """Nearest-neighbour x f, then conv3x3: ``(B, c, H, W)`` -> ``(B, c, fH, fW)``, computed as one transposed conv.
+
+    Output ``f i + a`` of the 3-tap conv over the upsampled axis reads input ``i`` through every tap that
+    lands in its block, and ``i - 1`` (a = 0) or ``i + 1`` (a = f - 1) through the one that leaves it. So
+    the same function is a transposed conv (stride f, padding 1) with the f + 2 taps ``[w1, w0 + w1, w-1
+    + w0 + w1 (f - 2 times), w-1 + w0, w-1]`` per axis (:func:`nearest_conv_kernel`): 4 taps per output
+    instead of 9 at f = 2, and no upsampled copy. The parameter is still the 3x3 conv's (``conv``).
+    """
 
     def __init__(self, channels: int, dims: int = 2, factor: int = 2):
         super().__init__()
-        self.factor = factor
+        self.factor, self.dims = factor, dims
         self.conv = conv(dims, channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=float(self.factor), mode="nearest"))
+        kernel = nearest_conv_kernel(self.conv.weight, self.factor).transpose(0, 1)  # (c_in, c_out, f+2, ...)
+        transpose = F.conv_transpose1d if self.dims == 1 else F.conv_transpose2d
+        return transpose(x, kernel, self.conv.bias, stride=self.factor, padding=1)
+
+
+def nearest_conv_kernel(weight: Tensor, factor: int) -> Tensor:
+    """The ``(c_out, c_in, f + 2, ...)`` taps of a transposed conv (stride f, padding 1) that equals
+    nearest-neighbour upsampling by f followed by the 3-tap conv ``weight`` ``(c_out, c_in, 3, ...)``.
+
+    Sums and concatenations only (no matmul), so under autocast the taps are summed in ``weight``'s dtype.
+    """
+    for axis in range(2, weight.ndim):
+        before, centre, after = weight.split(1, dim=axis)  # taps at offsets -1, 0, +1
+        taps = [after, centre + after] + [before + centre + after] * (factor - 2) + [before + centre, before]
+        weight = torch.cat(taps, dim=axis)
+    return weight
 
 
 class Stage(nn.Sequential):
