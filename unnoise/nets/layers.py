@@ -112,7 +112,9 @@ def channel_major_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
     a stride-1 last axis (this layout would need three copies, and flash attention at 49 positions
     was 3x slower still), and its math fallback casts bf16 to float32 and back and checks every row
     for -inf. Self-attention at 7x7, 64 channels, batch 64, bf16, forward and backward: 2.6 ms
-    against 6.3 ms.
+    against 6.3 ms. Under bf16 autocast the scores round to bf16 before the softmax (as in diffusers'
+    attention without SDPA): relative error against float64 0.5% to 1.0% for logits of sd 1 to 6,
+    where SDPA's float32 fallback gives 0.35% to 0.6%; float32 scores would cost 1.6x the time.
     """
     scores = torch.matmul(q.transpose(-1, -2) * q.shape[-2] ** -0.5, k)  # (B, heads, N, L)
     if mask is not None:
