@@ -125,6 +125,8 @@ def test_channel_major_attention_is_sdpa_in_its_layout():
             attn_mask=None if m is None else m[:, None, None],
         )
         torch.testing.assert_close(channel_major_attention(q, k, v, m), sdpa.transpose(-1, -2))
+    small = [t[:1, :, :3, :4].clone().requires_grad_() for t in (q, k, v)]  # the mask fills scores in place
+    assert torch.autograd.gradcheck(lambda *qkv: channel_major_attention(*qkv, mask[:1, :4]), small)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = channel_major_attention(q.float(), k.float(), v.float(), mask)
     exact = channel_major_attention(q, k, v, mask)
