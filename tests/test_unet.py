@@ -304,8 +304,10 @@ def test_dropout_masks_the_gradient_like_the_output_and_is_the_identity_in_eval(
     torch.manual_seed(1)
     torch.testing.assert_close(drop(x), y)  # the masks come from the global generator
     assert drop.eval()(x) is x and Dropout(0.0)(x) is x
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        Dropout(1.0)
+    for p in (1.0, 1 - 2**-17, -0.1):  # 1 - 2^-17 rounds to P(drop) = 1
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            Dropout(p)
+    assert Dropout(1 - 2**-16)(torch.ones(64)).isfinite().all()  # the largest P(drop) below 1: 65535/65536
 
 
 @pytest.mark.parametrize("dims", [1, 2])
