@@ -8,10 +8,13 @@ a baseline trained at the same time:
 - baseline: the "small" preset without query positions (``context_positions`` 0);
 - query positions: Fourier features of the pixel's place added to every cross-attention query
   (3 frequencies), so that "top left" can be matched by where a query sits;
-- a deeper text encoder (4 blocks, not 2): the encoder must carry "sneaker" onto "top left".
+- a deeper text encoder (4 blocks, not 2): the encoder must carry "sneaker" onto "top left";
+- cross-attention alone (no self-attention) at 14x14 too (``cross_attention_resolutions``), with
+  and without query positions: the prompt reaches the full latent resolution, where each cell is
+  7x7 positions, not 3.5x3.5, at about 6% more per step.
 
-(Cross-attention at 14x14 as well as 7x7 was screened too, and dropped: it trained at about a third
-of the baseline's steps per CPU second, 200 steps to 700, and could not finish in a session.)
+(Self- and cross-attention at 14x14 as well as 7x7 was screened too, and dropped: it trained at about
+a third of the baseline's steps per CPU second, 200 steps to 700, and could not finish in a session.)
 
 The VAE trains first (``--vae-budget`` process CPU seconds on all cores, as the benchmark's latent
 side gives it 900); then every variant trains ``--steps`` steps at batch 64 in its own process on one
@@ -45,6 +48,10 @@ LEVERS: dict[str, dict] = {
     "baseline": {"unet": {"context_positions": 0}},
     "query positions": {"unet": {"context_positions": 3}},
     "text encoder depth 4": {"unet": {"context_positions": 0}, "text_encoder": {"depth": 4}},
+    "cross-attention alone at 14x14": {"unet": {"context_positions": 0, "cross_attention_resolutions": [14]}},
+    "cross-attention alone at 14x14 + query positions": {
+        "unet": {"context_positions": 3, "cross_attention_resolutions": [14]}
+    },
 }
 COMMON = {"save_every": 10**7, "log_every": 100, "seed": 0}
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from unnoise.nets.layers import CrossAttention, Dropout, Pointwise1d, Pointwise2d, conv
-from unnoise.nets.unet import PRESETS, Attention, UNet, UNetConfig
+from unnoise.nets.unet import PRESETS, Attention, Stage, UNet, UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -434,6 +434,28 @@ def test_gradients_flow_to_the_real_tokens_of_the_context_only(positions):
     assert (context.grad[:, :2].abs().sum(-1) > 0).all() and (context.grad[:, 2:] == 0).all()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing
+
+
+def test_cross_attention_alone_at_sizes_without_self_attention():
+    net = context_net(cross_attention_resolutions=(8,))  # self-attention (with cross-attention) at 4x4 only
+    alone = [m for m in net.modules() if isinstance(m, Stage) and isinstance(m[-1], CrossAttention)]
+    assert len(alone) == 1 + 2  # at 8x8: down 1 res block, up 2
+    assert sum(isinstance(m, Attention) for m in net.modules()) == sum(
+        isinstance(m, Attention) for m in context_net().modules()
+    )
+    for m in net.modules():  # silence the cross-attention inside self-attention: the prompt acts at 8x8 alone
+        if isinstance(m, Attention):
+            torch.nn.init.zeros_(m.cross.proj.weight), torch.nn.init.zeros_(m.cross.proj.bias)
+    x, t = inputs(net.config)
+    context = torch.randn(3, 5, 6, requires_grad=True)
+    out = net(x, t, context=context)
+    assert not torch.allclose(out, net(x, t, context=torch.randn(3, 5, 6)), atol=1e-4)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in alone for p in m[-1].parameters())
+    assert (context.grad.abs().sum(-1) > 0).all()
+    for bad in (dict(context_dim=None), dict(cross_attention_resolutions=(4,)), dict(cross_attention_resolutions=(2,))):
+        with pytest.raises(ValueError, match=r"cross_attention_resolutions .* allowed"):
+            tiny(**(dict(context_dim=6, cross_attention_resolutions=(8,)) | bad))
 
 
 def test_cross_attention_matches_a_per_head_masked_softmax():

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unnoise.nets.layers import Attention, Dropout, conv, group_norm, timestep_embedding, zero_init
+from unnoise.nets.layers import Attention, CrossAttention, Dropout, conv, group_norm, timestep_embedding, zero_init
 
 Preset = Literal["tiny", "small", "cifar"]
 PRESETS: tuple[str, ...] = ("tiny", "small", "cifar")
@@ -58,11 +58,13 @@ class UNetConfig:
     factor: int = 2  # down/upsampling factor between levels (each spatial axis)
     context_dim: int | None = None  # None: no cross-attention; else every attention block also attends to context
     context_positions: int = 0  # Fourier frequencies per axis in cross-attention queries (CrossAttention)
+    cross_attention_resolutions: tuple[int, ...] = ()  # sizes (H) that get cross-attention alone (no self-attention)
 
     def __post_init__(self):
         # lists (e.g. from config.json) become tuples, so configs compare and hash alike
         self.channel_mults = tuple(self.channel_mults)
         self.attention_resolutions = tuple(self.attention_resolutions)
+        self.cross_attention_resolutions = tuple(self.cross_attention_resolutions)
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults must be a non-empty tuple of positive ints, got {self.channel_mults}")
         if self.dims not in (1, 2):
@@ -84,6 +86,12 @@ class UNetConfig:
             raise ValueError(f"context_dim must be None (no cross-attention) or >= 1, got {self.context_dim}")
         if self.context_positions < 0 or (self.context_positions and self.context_dim is None):
             raise ValueError(f"context_positions must be >= 0 (0 without context_dim), got {self.context_positions}")
+        free = [r for r in self.resolutions if r not in self.attention_resolutions] if self.context_dim else []
+        if not set(self.cross_attention_resolutions) <= set(free):  # the sizes with self-attention cross-attend too
+            raise ValueError(
+                f"cross_attention_resolutions {self.cross_attention_resolutions} need context_dim and sizes without "
+                f"self-attention; allowed: {free}"
+            )
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -183,7 +191,7 @@ class Stage(nn.Sequential):
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
-            elif isinstance(layer, Attention):
+            elif isinstance(layer, (Attention, CrossAttention)):
                 h = layer(h, context, mask)
             else:
                 h = layer(h)
@@ -211,7 +219,11 @@ class UNet(nn.Module):
 
         def stage(c_in: int, c_out: int, size: int) -> Stage:
             res = ResBlock(c_in, c_out, emb_dim, cfg.dropout, dims)
-            return Stage(res, attention(c_out)) if size in cfg.attention_resolutions else Stage(res)
+            if size in cfg.attention_resolutions:
+                return Stage(res, attention(c_out))
+            if size in cfg.cross_attention_resolutions:  # attends to the prompt without the cost of self-attention
+                return Stage(res, CrossAttention(c_out, cfg.context_dim, heads(c_out), dims, cfg.context_positions))
+            return Stage(res)
 
         # noise-level (and class) embedding, (B,) -> (B, emb_dim); the last class id is the null class
         self.time_embed = nn.Sequential(nn.Linear(base, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
