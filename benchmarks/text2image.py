@@ -143,7 +143,9 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=20_000, help="training scenes")
     parser.add_argument("--n", type=int, default=500, help="test prompts (one image each) for the scores")
     parser.add_argument("--nfe", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    # 8: chosen on the lever screen's seed-1 prompts (3 -> 0.260, 6 -> 0.310, 8 -> 0.313, 15 -> 0.303 whole
+    # scene) and checked on 500 fresh seed-2 prompts with four other runs (README), not on these prompts
+    parser.add_argument("--guidance", type=float, default=8.0)
     parser.add_argument("--seed", type=int, default=0, help="which test-split prompts")
     parser.add_argument("--out", default="bench-t2i")
     parser.add_argument("--one", choices=SIDES, help=argparse.SUPPRESS)
