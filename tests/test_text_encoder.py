@@ -4,7 +4,16 @@ import pytest
 import torch
 
 from unnoise.modalities.text2image.captions import TEMPLATES, Scene, caption
-from unnoise.nets.text_encoder import NULL, PAD, UNK, TextEncoder, TextEncoderConfig, Vocabulary, check_prompt
+from unnoise.nets.text_encoder import (
+    NULL,
+    PAD,
+    UNK,
+    TextEncoder,
+    TextEncoderConfig,
+    Vocabulary,
+    check_prompt,
+    rotary,
+)
 from unnoise.nets.unet import UNet, UNetConfig
 from unnoise.schema import from_dict
 
@@ -63,9 +72,10 @@ def test_check_prompt_decodes_utf8_bytes():
     assert check_prompt("é".encode()) == "é" and check_prompt("a bag") == "a bag"
 
 
-def test_features_shape_zero_padding_and_padding_changes_nothing():
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_features_shape_zero_padding_and_padding_changes_nothing(positions):
     vocab = scene_vocab()
-    enc = encoder(vocab)
+    enc = encoder(vocab, positions=positions)
     ids, mask = vocab.batch(["a bag in the top left", "a coat at the upper right and a bag at the lower left"], 16)
     feats = enc(ids, mask)
     assert feats.shape == (2, ids.shape[1], 16) and (feats[~mask] == 0).all()
@@ -86,7 +96,42 @@ def test_different_prompts_and_positions_give_different_features():
     assert torch.isfinite(f[2]).all() and f[2, 0].abs().sum() > 0  # the null prompt is a real token
 
 
+def test_rotary_scores_depend_on_offsets_alone_and_match_the_papers_pairs():
+    g = torch.Generator().manual_seed(0)
+    L, d = 9, 8
+    u, w = torch.randn(d, generator=g, dtype=torch.float64), torch.randn(d, generator=g, dtype=torch.float64)
+    q, k = rotary(u.expand(L, d)), rotary(w.expand(L, d))
+    scores = q @ k.T  # the same query and key at every position: S[m, n] may depend on m - n only
+    for offset in range(-L + 1, L):
+        diagonal = scores.diagonal(offset)
+        torch.testing.assert_close(diagonal, diagonal[:1].expand_as(diagonal), rtol=0, atol=1e-12)
+    torch.testing.assert_close(q.norm(dim=-1), u.norm().expand(L))  # a rotation
+    torch.testing.assert_close(q[0], u)  # position 0 is not rotated
+    # RoFormer eq. 34 rotates neighbours (x_2i, x_2i+1) by m theta_i, theta_i = 10000^(-2i/d); ours pairs
+    # (x_i, x_i+d/2): the same map after interleaving the two halves
+    x = torch.randn(L, d, generator=g, dtype=torch.float64)
+    theta = 10000.0 ** (-2 * torch.arange(d // 2, dtype=torch.float64) / d)
+    angle = torch.arange(L, dtype=torch.float64)[:, None] * theta
+    even, odd = x[:, : d // 2], x[:, d // 2 :]  # interleaved: x'_2i = x_i, x'_2i+1 = x_i+d/2
+    paper = torch.stack([even * angle.cos() - odd * angle.sin(), even * angle.sin() + odd * angle.cos()], -1)
+    ours = rotary(x)
+    torch.testing.assert_close(torch.stack([ours[:, : d // 2], ours[:, d // 2 :]], -1), paper)
+
+
+def test_rotary_encoder_has_no_absolute_positions_but_sees_word_order():
+    vocab = scene_vocab()
+    enc = encoder(vocab, positions="rotary")
+    assert enc.position is None and not any("position" in name for name, _ in enc.named_parameters())
+    ids, mask = vocab.batch(["bag coat", "coat bag"], 16)
+    f = enc(ids, mask)
+    assert not torch.allclose(f[0, 0], f[1, 1], atol=1e-4)  # "bag" before or after "coat"
+
+
 def test_bad_encoder_configs_and_inputs():
+    with pytest.raises(ValueError, match="unknown text encoder positions 'sinusoidal'; allowed: learned, rotary"):
+        TextEncoderConfig(10, positions="sinusoidal")
+    with pytest.raises(ValueError, match="even head width"):
+        TextEncoderConfig(10, width=12, heads=4, positions="rotary")
     with pytest.raises(ValueError, match="split into heads"):
         TextEncoderConfig(10, width=10, heads=3)
     with pytest.raises(ValueError, match="exceed the 3 special tokens"):

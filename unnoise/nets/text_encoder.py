@@ -5,7 +5,7 @@ Latent diffusion conditions its U-Net on the per-token features of a prompt thro
 trains its transformer ``tau_theta`` jointly with the U-Net). Here:
 
     prompt -> words (lower case; ":" ";" "," kept as tokens) -> ids (B, L) with a padding mask (B, L)
-           -> token embedding + learned position -> [pre-LN self-attention, pre-LN MLP] x depth
+           -> token embedding (+ learned position) -> [pre-LN self-attention, pre-LN MLP] x depth
            -> LayerNorm -> features (B, L, width), zero at padded positions
 
 The vocabulary is built from training captions (:meth:`Vocabulary.build`); id 0 pads, 1 stands for an
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 __all__ = ["NULL", "PAD", "UNK", "TextEncoder", "TextEncoderConfig", "Vocabulary", "check_prompt"]
 
 PAD, UNK, NULL = 0, 1, 2
+POSITIONS: tuple[str, ...] = ("learned", "rotary")
 SPECIALS: tuple[str, ...] = ("<pad>", "<unk>", "<null>")
 # a word: letters/digits, joined by - / ' (t-shirt/top, top-left); or one of the punctuation marks captions use
 _TOKEN = re.compile(r"[^\W_]+(?:['/-][^\W_]+)*|[:;,]")
@@ -122,6 +123,9 @@ class TextEncoderConfig:
     heads: int = 4
     mlp_ratio: int = 4
     dropout: float = 0.0
+    # "learned": an absolute position vector added to each token (BERT); "rotary": queries and keys
+    # rotated by their position (RoPE, Su et al. 2021), so attention scores see only relative offsets
+    positions: str = "learned"
 
     def __post_init__(self):
         if self.vocab_size <= len(SPECIALS):
@@ -132,6 +136,25 @@ class TextEncoderConfig:
             raise ValueError(f"width={self.width} does not split into heads={self.heads} attention heads")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"unknown text encoder positions {self.positions!r}; allowed: {', '.join(POSITIONS)}")
+        if self.positions == "rotary" and (self.width // self.heads) % 2:
+            raise ValueError(f"rotary positions need an even head width, got {self.width} / {self.heads} heads")
+
+
+def rotary(x: Tensor, base: float = 10000.0) -> Tensor:
+    """RoPE (Su et al. 2021, eq. 34): rotate feature pairs of the token at position m by the angles
+    ``m base^(-2i/d)``, i < d/2. ``x`` ``(..., L, d)``, d even -> same shape. Then ``<rotary(q)_m,
+    rotary(k)_n>`` depends on m - n alone: a head can attend to "the next two words" wherever they are.
+    Pairs are ``(x_i, x_{i + d/2})`` (GPT-NeoX's layout); the paper's neighbours ``(x_2i, x_2i+1)`` are
+    the same up to a fixed permutation of features, which the projections before it absorb.
+    """
+    L, d = x.shape[-2:]
+    freqs = base ** (-torch.arange(0, d // 2, device=x.device, dtype=torch.float64) * 2 / d)
+    angles = torch.arange(L, device=x.device, dtype=torch.float64)[:, None] * freqs  # (L, d/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
 class Block(nn.Module):
@@ -149,10 +172,13 @@ class Block(nn.Module):
         hidden = cfg.mlp_ratio * cfg.width
         self.mlp = nn.Sequential(nn.Linear(cfg.width, hidden), nn.GELU(), nn.Linear(hidden, cfg.width))
         self.drop = nn.Dropout(cfg.dropout)
+        self.rotary = cfg.positions == "rotary"
 
     def forward(self, h: Tensor, mask: Tensor) -> Tensor:
         B, L, C = h.shape
         q, k, v = self.qkv(self.norm1(h)).reshape(B, L, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        if self.rotary:
+            q, k = rotary(q), rotary(k)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])  # (B, heads, L, C/heads)
         h = h + self.drop(self.proj(a.transpose(1, 2).reshape(B, L, C)))
         return h + self.drop(self.mlp(self.norm2(h)))
@@ -165,7 +191,8 @@ class TextEncoder(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.token = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.position = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.02)
+        learned = cfg.positions == "learned"
+        self.position = nn.Parameter(torch.randn(cfg.max_len, cfg.width) * 0.02) if learned else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.width)
 
@@ -176,7 +203,9 @@ class TextEncoder(nn.Module):
             raise ValueError(f"{ids.shape[1]} tokens per prompt; the text encoder takes at most {self.config.max_len}")
         if not mask.any(dim=1).all():
             raise ValueError("every prompt needs at least one real token (the null prompt is [<null>])")
-        h = self.token(ids) + self.position[: ids.shape[1]]  # (B, L, width)
+        h = self.token(ids)  # (B, L, width)
+        if self.position is not None:
+            h = h + self.position[: ids.shape[1]]
         for block in self.blocks:
             h = block(h, mask)
         return self.norm(h) * mask[..., None].to(h.dtype)
@@ -188,6 +217,6 @@ class TextEncoder(nn.Module):
                 f"the vocabulary has {len(vocab)} words; this encoder was built for {self.config.vocab_size}"
             )
         ids, mask = vocab.batch(prompts, self.config.max_len)
-        device = self.position.device
+        device = self.token.weight.device
         ids, mask = ids.to(device), mask.to(device)
         return self(ids, mask), mask
