@@ -30,6 +30,9 @@ cell holds an object), with the binomial standard error of the whole-scene score
 
 Run: python benchmarks/text2image_levers.py [--steps 2000] [--n 300] [--out bench-t2i-levers]
      (about 45 min wall on 2 cores at the defaults; a finished VAE or variant in OUT is reused)
+Check a choice on fresh prompts: python benchmarks/text2image_levers.py --validate "baseline"
+     "text encoder rotary positions" --guidance 3 8 --n 500 --seed 2 (trained levers in OUT, each
+     scored at each guidance, with the prompts only the first or only the second gets right)
 """
 
 from __future__ import annotations
@@ -136,6 +139,39 @@ def score(out: Path, args: argparse.Namespace) -> None:
     print(f"| real scenes | | | {real.accuracy:.3f} | {cells} | {real.layout:.3f} | {real.class_where_occupied:.3f} |")
 
 
+def validate(out: Path, args: argparse.Namespace) -> None:
+    """Score trained levers on ``--n`` prompts of ``--seed`` at every ``--guidance``, and count the
+    prompts that only the first or only the second lever gets right (a paired comparison)."""
+    from unnoise.modalities.run import load_run
+    from unnoise.modalities.text2image.data import fashion_scenes, scene_labels
+    from unnoise.modalities.text2image.metrics import cell_classifier, predict_cells, prompt_following
+    from unnoise.modalities.text2image.pipeline import sample_text2image
+
+    torch.set_num_threads(1)
+    test = fashion_scenes(args.n, "test", seed=args.seed)
+    labels, classifier = scene_labels(test.scenes), cell_classifier()
+    runs = {name: load_run(out / slug(name), expect="text2image") for name in args.validate}
+    print(f"\n{args.n} test-split prompts (seed {args.seed}), dpmpp_2m {args.nfe} NFE")
+    print("| lever | guidance | whole scene | by objects | layout | class where occupied |")
+    print("|---|---|---|---|---|---|")
+    for guidance in args.guidance:
+        right = []
+        for name, run in runs.items():
+            images, _ = sample_text2image(
+                run, test.captions, guidance=guidance, nfe=args.nfe, sampler="dpmpp_2m", seed=0
+            )
+            predicted = predict_cells(classifier, images)
+            pf = prompt_following(predicted, test.scenes)
+            right.append((predicted == labels).all(dim=1))
+            by = ", ".join(f"{g}: {v:.3f}" for g, v in pf.by_objects.items())
+            scores = f"{pf.accuracy:.3f} | {by} | {pf.layout:.3f} | {pf.class_where_occupied:.3f}"
+            print(f"| {name} | {guidance:g} | {scores} |")
+        if len(right) > 1:
+            a, b = right[:2]
+            print(f"| right only with the first / only with the second | {guidance:g} | "
+                  f"{int((a & ~b).sum())} / {int((~a & b).sum())} | | | |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="U-Net training steps per lever")
@@ -143,12 +179,22 @@ def main() -> None:
     parser.add_argument("--scenes", type=int, default=20_000, help="training scenes")
     parser.add_argument("--n", type=int, default=300, help="test prompts (one image each) for the scores")
     parser.add_argument("--nfe", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument(
+        "--guidance", type=float, nargs="+", default=[3.0], help="one for the screen; any for --validate"
+    )
     parser.add_argument("--seed", type=int, default=1, help="which test-split prompts")
     parser.add_argument("--out", default="bench-t2i-levers")
+    parser.add_argument("--validate", nargs="+", choices=list(LEVERS), metavar="LEVER",
+                        help="only score these trained levers on --seed's prompts at each --guidance")  # fmt: skip
     parser.add_argument("--one", choices=list(LEVERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = Path(args.out)
+    if args.validate:
+        validate(out, args)
+        return
+    if len(args.guidance) != 1:
+        parser.error("the screen samples at one --guidance (several are for --validate)")
+    args.guidance = args.guidance[0]
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
         train_lever(args.one, out, args)
