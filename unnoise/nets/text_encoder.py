@@ -21,6 +21,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,8 @@ from torch import Tensor, nn
 __all__ = ["NULL", "PAD", "UNK", "TextEncoder", "TextEncoderConfig", "Vocabulary", "check_prompt"]
 
 PAD, UNK, NULL = 0, 1, 2
-POSITIONS: tuple[str, ...] = ("learned", "rotary")
+Positions = Literal["learned", "rotary"]
+POSITIONS: tuple[str, ...] = get_args(Positions)
 SPECIALS: tuple[str, ...] = ("<pad>", "<unk>", "<null>")
 # a word: letters/digits, joined by - / ' (t-shirt/top, top-left); or one of the punctuation marks captions use
 _TOKEN = re.compile(r"[^\W_]+(?:['/-][^\W_]+)*|[:;,]")
@@ -125,7 +127,7 @@ class TextEncoderConfig:
     dropout: float = 0.0
     # "learned": an absolute position vector added to each token (BERT); "rotary": queries and keys
     # rotated by their position (RoPE, Su et al. 2021), so attention scores see only relative offsets
-    positions: str = "learned"
+    positions: Positions = "learned"
 
     def __post_init__(self):
         if self.vocab_size <= len(SPECIALS):
