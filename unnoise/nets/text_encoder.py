@@ -5,7 +5,8 @@ Latent diffusion conditions its U-Net on the per-token features of a prompt thro
 trains its transformer ``tau_theta`` jointly with the U-Net). Here:
 
     prompt -> words (lower case; ":" ";" "," kept as tokens) -> ids (B, L) with a padding mask (B, L)
-           -> token embedding (+ learned position) -> [pre-LN self-attention, pre-LN MLP] x depth
+           -> token embedding (+ learned position) -> [pre-LN self-attention (rotary positions
+              instead, if so configured), pre-LN MLP] x depth
            -> LayerNorm -> features (B, L, width), zero at padded positions
 
 The vocabulary is built from training captions (:meth:`Vocabulary.build`); id 0 pads, 1 stands for an
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["NULL", "PAD", "UNK", "TextEncoder", "TextEncoderConfig", "Vocabulary", "check_prompt"]
+__all__ = ["NULL", "PAD", "UNK", "TextEncoder", "TextEncoderConfig", "Vocabulary", "check_prompt", "rotary"]
 
 PAD, UNK, NULL = 0, 1, 2
 Positions = Literal["learned", "rotary"]
