@@ -74,6 +74,13 @@ def train_side(side: str, out: Path, args: argparse.Namespace) -> dict:
     return record | sample_side(side, out, args)
 
 
+def draw(run, captions: list[str], guidance: float, nfe: int) -> torch.Tensor:
+    """One image per caption at the benchmarks' sampling settings (dpmpp_2m, seed 0): uint8 ``(N, 1, 56, 56)``."""
+    from unnoise.modalities.text2image.pipeline import sample_text2image
+
+    return sample_text2image(run, captions, guidance=guidance, nfe=nfe, sampler="dpmpp_2m", seed=0)[0]
+
+
 def _last_step(run: Path) -> int:
     return json.loads((run / "log.jsonl").read_text().splitlines()[-1])["step"]
 
@@ -81,12 +88,11 @@ def _last_step(run: Path) -> int:
 def sample_side(side: str, out: Path, args: argparse.Namespace) -> dict:
     from unnoise.modalities.run import load_run
     from unnoise.modalities.text2image.data import fashion_scenes
-    from unnoise.modalities.text2image.pipeline import sample_text2image
 
     run = load_run(out / f"{side}-run", expect="text2image")
     captions = fashion_scenes(args.n, "test", seed=args.seed).captions
     start = time.perf_counter()
-    images, _ = sample_text2image(run, captions, guidance=args.guidance, nfe=args.nfe, sampler="dpmpp_2m", seed=0)
+    images = draw(run, captions, args.guidance, args.nfe)
     seconds = time.perf_counter() - start
     np.savez(out / f"{side}.npz", images=images.numpy())
     params = sum(p.numel() for p in run.model.net.parameters())
@@ -147,17 +153,15 @@ def sampling_seconds(out: Path, args: argparse.Namespace, n: int = 64, repeats: 
     of ``repeats``, after one warm-up call."""
     from unnoise.modalities.run import load_run
     from unnoise.modalities.text2image.data import fashion_scenes
-    from unnoise.modalities.text2image.pipeline import sample_text2image
 
     torch.set_num_threads(os.cpu_count() or 1)
     run = load_run(out / "latent-run", expect="text2image")
     captions = fashion_scenes(args.n, "test", seed=args.seed).captions[:n]
-    settings = dict(guidance=args.guidance, nfe=args.nfe, sampler="dpmpp_2m", seed=0)
-    sample_text2image(run, captions[:8], **settings)
+    draw(run, captions[:8], args.guidance, args.nfe)
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()
-        sample_text2image(run, captions, **settings)
+        draw(run, captions, args.guidance, args.nfe)
         best = min(best, (time.perf_counter() - start) / n)
     return best
 

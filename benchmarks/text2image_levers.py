@@ -49,14 +49,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from text2image import budget  # noqa: E402
+from text2image import budget, draw  # noqa: E402
 
 # the levers screened before rotary positions became the presets' text encoder keep the learned positions
 LEARNED = {"text_encoder": {"positions": "learned"}}
 LEVERS: dict[str, dict] = {
     "baseline": {"unet": {"context_positions": 0}} | LEARNED,
     "query positions": {"unet": {"context_positions": 3}} | LEARNED,
-    "text encoder depth 4": {"unet": {"context_positions": 0}, "text_encoder": {"depth": 4, "positions": "learned"}},
+    "text encoder depth 4": {"unet": {"context_positions": 0}, "text_encoder": {"depth": 4} | LEARNED["text_encoder"]},
     "cross-attention alone at 14x14": {"unet": {"context_positions": 0, "cross_attention_resolutions": [14]}} | LEARNED,
     "cross-attention alone at 14x14 + query positions": {
         "unet": {"context_positions": 3, "cross_attention_resolutions": [14]}
@@ -88,7 +88,6 @@ def train_vae_once(out: Path, args: argparse.Namespace) -> None:
 def train_lever(name: str, out: Path, args: argparse.Namespace) -> None:
     from unnoise.modalities.run import load_run, make_config, train
     from unnoise.modalities.text2image.data import fashion_scenes
-    from unnoise.modalities.text2image.pipeline import sample_text2image
 
     torch.set_num_threads(1)
     run_dir = out / slug(name)
@@ -104,7 +103,7 @@ def train_lever(name: str, out: Path, args: argparse.Namespace) -> None:
     cpu_s = time.process_time() - start
     run = load_run(run_dir, expect="text2image")
     captions = fashion_scenes(args.n, "test", seed=args.seed).captions
-    images, _ = sample_text2image(run, captions, guidance=args.guidance, nfe=args.nfe, sampler="dpmpp_2m", seed=0)
+    images = draw(run, captions, args.guidance, args.nfe)
     np.savez(out / f"{slug(name)}.npz", images=images.numpy())
     params = sum(p.numel() for p in run.model.net.parameters())
     (out / f"{slug(name)}.json").write_text(json.dumps({"cpu_s": cpu_s, "params": params}))
@@ -145,7 +144,6 @@ def validate(out: Path, args: argparse.Namespace) -> None:
     from unnoise.modalities.run import load_run
     from unnoise.modalities.text2image.data import fashion_scenes, scene_labels
     from unnoise.modalities.text2image.metrics import cell_classifier, predict_cells, prompt_following
-    from unnoise.modalities.text2image.pipeline import sample_text2image
 
     torch.set_num_threads(1)
     test = fashion_scenes(args.n, "test", seed=args.seed)
@@ -157,10 +155,7 @@ def validate(out: Path, args: argparse.Namespace) -> None:
     for guidance in args.guidance:
         right = []
         for name, run in runs.items():
-            images, _ = sample_text2image(
-                run, test.captions, guidance=guidance, nfe=args.nfe, sampler="dpmpp_2m", seed=0
-            )
-            predicted = predict_cells(classifier, images)
+            predicted = predict_cells(classifier, draw(run, test.captions, guidance, args.nfe))
             pf = prompt_following(predicted, test.scenes)
             right.append((predicted == labels).all(dim=1))
             by = ", ".join(f"{g}: {v:.3f}" for g, v in pf.by_objects.items())
